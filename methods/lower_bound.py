@@ -1,0 +1,49 @@
+"""Lower bound: supervised training on the labelled known-class rows only (methods.md B.5).
+
+Same backbone, BNNeck and bias-free head as CAL and CPL (methods.md 1.3), with K_k outputs and
+cross-entropy on the labelled set. Its predictions are known ids only, so Known ACC is near the
+ceiling and Novel ACC comes from the separate Hungarian matching alone. Exact bound definitions
+are not given by the references; this follows the reading that matches CPL's published P1 row.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch
+from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead
+
+
+class SupervisedClassifier(OWDFAMethod):
+    """Encoder + dropout + prototype head trained with cross-entropy on one view."""
+
+    train_views: ClassVar[tuple[str, ...]] = ("weak",)
+
+    def __init__(self, problem: Problem, optim: dict, backbone: dict, num_outputs: int,
+                 dropout: float = 0.2):
+        super().__init__(problem, optim)
+        self.encoder = GlobalFeatureEncoder(backbone)
+        self.dropout = nn.Dropout(dropout)
+        self.head = PrototypeHead(self.encoder.dim, num_outputs)
+
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.encoder(x)))
+
+    def supervised_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y)
+
+
+class LowerBound(SupervisedClassifier):
+    train_on: ClassVar[str] = "labelled"
+
+    def __init__(self, problem: Problem, optim: dict, backbone: dict, dropout: float = 0.2):
+        super().__init__(problem, optim, backbone, problem.num_known, dropout)
+
+    def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        logits = self.predict_logits(batch.views[0])
+        loss = self.supervised_loss(logits[batch.labelled], batch.y[batch.labelled])
+        return {"loss": loss, "ce": loss.detach()}

@@ -1,0 +1,25 @@
+"""Upper bound (oracle): supervised training on every training row with its true label.
+
+methods.md B.5: the same model with K outputs trained with CE on labelled and unlabelled rows,
+using the ground truth of the unlabelled ones. It always uses the true K, also under k=unknown.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from methods.lower_bound import SupervisedClassifier
+from owdfa_bench.method import Problem, TrainBatch
+
+
+class UpperBound(SupervisedClassifier):
+    uses_unlabelled_labels: ClassVar[bool] = True
+
+    def __init__(self, problem: Problem, optim: dict, backbone: dict, dropout: float = 0.2):
+        super().__init__(problem, optim, backbone, problem.num_classes, dropout)
+
+    def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        loss = self.supervised_loss(self.predict_logits(batch.views[0]), batch.y_true)
+        return {"loss": loss, "ce": loss.detach()}

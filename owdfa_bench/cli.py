@@ -1,0 +1,44 @@
+"""`owdfa-bench <command>`: the tools around training (training itself is `python run.py`)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, function taking argv and returning an exit code, one-line help)
+COMMANDS = {
+    "aggregate": ("owdfa_bench.aggregate", "cli_aggregate",
+                  "seed-aggregated tables and plots of a sweep folder"),
+    "synth-preview": ("owdfa_bench.data.synth", "cli_synth_preview",
+                      "PNG grid of the built-in synthetic benchmark"),
+    "evaluate": ("owdfa_bench.evaluate", "cli_evaluate",
+                 "evaluate a checkpoint (ours or an official CAL release)"),
+    "download": ("owdfa_bench.data.download", "cli_download",
+                 "fetch and unpack the OWDFA-40 release"),
+    "prepare": ("owdfa_bench.data.faces", "cli_prepare",
+                "crop faces once with dlib and cache them"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: owdfa-bench <command> [args]", "", "commands:"]
+    lines += [f"  {name:<14} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "Training and sweeps: python run.py [overrides]  (see README)"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"owdfa-bench: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, function, _ = COMMANDS[command]
+    return int(getattr(importlib.import_module(module), function)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: protocols on disk -> rows -> datasets, views and samplers."""

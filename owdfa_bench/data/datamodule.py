@@ -1,0 +1,178 @@
+"""From a composed config to labelled / unlabelled / test rows, and the Lightning DataModule.
+
+config -> protocol -> data root -> sampling + splits -> label remap (known first) -> datasets.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from owdfa_bench.data.datasets import EvalRows, TrainRows, find_unreadable, weighted_sampler
+from owdfa_bench.data.owdfa40 import Budgets, Row, build_owdfa40_splits
+from owdfa_bench.data.transforms import build_view
+from owdfa_bench.protocols import Protocol, load_protocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataSplits:
+    """Rows with contiguous labels (known classes 0..K_k-1 first) and what describes them."""
+
+    labelled: list[Row]
+    unlabelled: list[Row]
+    test: list[Row]
+    num_known: int
+    classes: list[dict[str, Any]]  # one entry per label: label, index, code, family, known
+    root: str = ""
+    warnings: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def counts(self) -> str:
+        return (f"{len(self.labelled)} labelled, {len(self.unlabelled)} unlabelled, "
+                f"{len(self.test)} test rows")
+
+
+def resolve_data_root(data_cfg: DictConfig) -> Path:
+    """The folder of class folders: the synthetic cache (built on first use) or data.root."""
+    if data_cfg.name == "synth":
+        from owdfa_bench.data.synth import ensure_synth_dataset
+
+        return Path(ensure_synth_dataset(data_cfg))
+    if not data_cfg.get("root"):
+        raise ValueError(f"data={data_cfg.name} needs data.root=<folder of class folders>; "
+                         "e.g. python run.py data=owdfa40 data.root=/path/to/OWDFA40")
+    return Path(str(data_cfg.root)).expanduser()
+
+
+def relabel(rows: list[Row], mapping: dict[int, int]) -> list[Row]:
+    return [(path, mapping[index]) for path, index in rows]
+
+
+def class_table(protocol: Protocol) -> list[dict[str, Any]]:
+    mapping, known = protocol.label_of_index(), set(protocol.known)
+    return [{"label": mapping[c.index], "index": c.index, "code": c.code, "family": c.family,
+             "name": c.name, "known": c.index in known} for c in protocol.classes_by_label()]
+
+
+def drop_unreadable(splits: DataSplits, max_fraction: float) -> DataSplits:
+    """Remove rows PIL cannot read; fail with the list when they exceed `max_fraction`."""
+    rows = splits.labelled + splits.unlabelled + splits.test
+    bad = find_unreadable([p for p, _ in rows])
+    if not bad:
+        return splits
+    fraction = len(bad) / max(1, len(rows))
+    listing = "\n  ".join(bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
+    if fraction > max_fraction:
+        raise RuntimeError(
+            f"{len(bad)} of {len(rows)} images ({fraction:.2%}) cannot be read, more than "
+            f"data.max_unreadable_fraction={max_fraction}:\n  {listing}\nFix or remove these "
+            "files, or raise data.max_unreadable_fraction to train without them.")
+    log.warning("skipping %d unreadable images:\n  %s", len(bad), listing)
+    bad_set = set(bad)
+    keep = lambda rs: [r for r in rs if r[0] not in bad_set]  # noqa: E731
+    splits.labelled, splits.unlabelled, splits.test = (keep(splits.labelled),
+                                                       keep(splits.unlabelled), keep(splits.test))
+    splits.unreadable = bad
+    return splits
+
+
+def build_splits(cfg: DictConfig) -> DataSplits:
+    """Rows of the configured data and protocol, labels remapped, checked, unreadable removed."""
+    data_cfg = cfg.data
+    benchmark = cfg.protocol.get("benchmark", "owdfa40")
+    if benchmark == "owdfa23":
+        from owdfa_bench.data.owdfa23 import build_owdfa23_splits
+
+        lab, unlab, test, num_known, names = build_owdfa23_splits(
+            data_cfg.meta_dir, cfg.protocol, split_seed=int(data_cfg.split_seed),
+            image_root=data_cfg.get("root"))
+        classes = [{"label": i, "index": i, "code": n, "family": "", "name": n,
+                    "known": i < num_known} for i, n in enumerate(names)]
+        splits = DataSplits(lab, unlab, test, num_known, classes, str(data_cfg.meta_dir))
+    else:
+        protocol = load_protocol(cfg.protocol.name, benchmark)
+        log.info(protocol.summary())
+        root = resolve_data_root(data_cfg)
+        raw = build_owdfa40_splits(
+            root, protocol.known, [c.index for c in protocol.classes],
+            split_seed=int(data_cfg.split_seed), budgets=Budgets(**data_cfg.budgets),
+            test_ratio=float(data_cfg.test_ratio),
+            labelled_fraction=float(data_cfg.labelled_fraction))
+        mapping = protocol.label_of_index()
+        splits = DataSplits(relabel(raw.labelled, mapping), relabel(raw.unlabelled, mapping),
+                            relabel(raw.test, mapping), protocol.num_known,
+                            class_table(protocol), str(root), raw.warnings)
+    if data_cfg.get("crop_face"):
+        from owdfa_bench.data.faces import resolve_cached_rows
+
+        splits.labelled = resolve_cached_rows(splits.labelled, data_cfg)
+        splits.unlabelled = resolve_cached_rows(splits.unlabelled, data_cfg)
+        splits.test = resolve_cached_rows(splits.test, data_cfg)
+    if data_cfg.get("verify_images", True):
+        splits = drop_unreadable(splits, float(data_cfg.get("max_unreadable_fraction", 0.0)))
+    log.info(splits.counts())
+    return splits
+
+
+class OWDFADataModule(pl.LightningDataModule):
+    """Train loader (merged labelled + unlabelled, with the method's views and sampler) and the
+    test loader used for per-epoch evaluation."""
+
+    def __init__(self, splits: DataSplits, image_size: int, train_views: tuple[str, ...],
+                 batch_size: int, sampler: str = "weighted", train_on: str = "all",
+                 seed: int = 0, num_workers: int = 0, pin_memory: bool = False,
+                 eval_batch_size: int | None = None):
+        super().__init__()
+        self.splits, self.image_size = splits, image_size
+        self.train_views, self.sampler_name, self.train_on = train_views, sampler, train_on
+        self.batch_size, self.seed = batch_size, seed
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        if sampler not in ("weighted", "alternating"):
+            raise ValueError(f"method.sampler={sampler!r}: use weighted or alternating")
+
+    def _loader(self, dataset, **kwargs) -> DataLoader:
+        return DataLoader(dataset, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.num_workers > 0, **kwargs)
+
+    def train_dataset(self) -> TrainRows:
+        unlabelled = [] if self.train_on == "labelled" else self.splits.unlabelled
+        views = [build_view(v, self.image_size) for v in self.train_views]
+        return TrainRows(self.splits.labelled, unlabelled, views)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.train_dataset()
+        n_lab, n_unlab = len(dataset.labelled), len(dataset.unlabelled)
+        if n_unlab == 0:
+            return self._loader(dataset, batch_size=self.batch_size, shuffle=True)
+        if self.sampler_name == "alternating":
+            from owdfa_bench.data.samplers import AlternatingBalancedSampler
+
+            sampler = AlternatingBalancedSampler([y for _, y in dataset.labelled], n_unlab,
+                                                 seed=self.seed)
+        else:
+            sampler = weighted_sampler(n_lab, n_unlab, self.seed)
+        return self._loader(dataset, batch_size=self.batch_size, sampler=sampler)
+
+    def eval_loader(self, split: str = "test") -> DataLoader:
+        """Deterministic loader (test transform) over the labelled, unlabelled or test rows."""
+        if split not in ("labelled", "unlabelled", "test"):
+            raise KeyError(f"split must be labelled, unlabelled or test, got {split!r}")
+        rows = getattr(self.splits, split)
+        return self._loader(EvalRows(rows, build_view("test", self.image_size)),
+                            batch_size=self.eval_batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_loader("test")

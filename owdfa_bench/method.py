@@ -1,0 +1,215 @@
+"""The contract every method implements, and the parts of training all methods share.
+
+A method is a subclass of `OWDFAMethod` in `methods/<name>.py`. It builds its model in
+`__init__`, computes its losses in `training_losses` and its test-time class scores in
+`predict_logits`; optional hooks (`on_train_epoch_start/end`) hold per-epoch logic such as CAL's
+adaptive threshold or prototype pruning. Everything else (batch unpacking, the labelled /
+unlabelled tags, logging, the per-epoch evaluation on the test split, metrics, optimiser and
+scheduler construction) lives here, so no method re-implements it.
+
+The shared training batch hides the labels of unlabelled rows (`y = -1`). Only a method that
+declares `uses_unlabelled_labels = True` (the oracle upper bound) receives them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from owdfa_bench.metrics import evaluate_predictions
+
+LABELLED_TAG = 1  # the reference's tags: 1 labelled, 2 unlabelled
+UNLABELLED_TAG = 2
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a method may know about the task it is trained on."""
+
+    num_known: int  # K_k: known classes are labels 0..K_k-1, novel ones K_k..num_classes-1
+    num_classes: int  # true total number of classes in the data (known + novel)
+    k_mode: str = "known"  # "known": head size may use num_classes; "unknown": it may not
+    k_estimate: int | None = None  # a total-K estimate given by the user under k=unknown
+    max_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if self.k_mode not in ("known", "unknown"):
+            raise ValueError(f"k must be 'known' or 'unknown', got {self.k_mode!r}")
+        if self.k_estimate is not None and self.k_estimate < self.num_known:
+            raise ValueError(
+                f"k.estimate={self.k_estimate} is below the number of known classes "
+                f"({self.num_known}); set k.estimate to at least {self.num_known} or leave it null"
+            )
+
+
+@dataclass
+class TrainBatch:
+    """One training batch as methods see it."""
+
+    views: list[torch.Tensor]  # one [B, 3, H, W] tensor per name in `train_views`
+    y: torch.Tensor  # [B] long: the label of labelled rows, -1 for unlabelled rows
+    labelled: torch.Tensor  # [B] bool
+    index: torch.Tensor  # [B] row index in the merged (labelled + unlabelled) train set
+    y_true: torch.Tensor | None = None  # only for methods with uses_unlabelled_labels
+
+
+class OWDFAMethod(pl.LightningModule):
+    """Base class: subclass it, build the model in `__init__`, implement the two abstract calls.
+
+    Class attributes a method may override:
+      train_views: which augmented views each training row carries ("weak", "strong").
+      uses_unlabelled_labels: True only for oracles; otherwise unlabelled labels stay hidden.
+      selection_metric: what the reference selects its checkpoint by (`selection=best_on_test`).
+      train_on: "all" (labelled + unlabelled rows) or "labelled" (lower bound).
+    """
+
+    train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
+    uses_unlabelled_labels: ClassVar[bool] = False
+    selection_metric: ClassVar[str] = "all_acc"
+    train_on: ClassVar[str] = "all"
+
+    def __init__(self, problem: Problem, optim: dict[str, Any] | None = None):
+        super().__init__()
+        self.problem = problem
+        self.optim = dict(optim or {})
+        self.eval_history: list[dict[str, Any]] = []  # one evaluation record per epoch
+        self.channels_last = False  # set by the runner from trainer.channels_last
+        self._eval_logits: list[torch.Tensor] = []
+        self._eval_targets: list[torch.Tensor] = []
+
+    # ----------------------------------------------------------------- to implement
+    def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """Every loss term of one step; key "loss" is the total that is back-propagated."""
+        raise NotImplementedError
+
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores [B, C] of a batch of test images (eval mode); prediction is the argmax."""
+        raise NotImplementedError
+
+    def k_estimated(self) -> int | None:
+        """Total number of classes the method ended with under k=unknown (None when known)."""
+        return None
+
+    def predictions_from_outputs(self, outputs: torch.Tensor) -> np.ndarray:
+        """Turn the concatenated `predict_logits` outputs of the test set into class ids.
+
+        The default is the argmax; a clustering method (GCD) overrides it.
+        """
+        return outputs.argmax(dim=1).numpy()
+
+    # ----------------------------------------------------------------- shared training
+    def make_train_batch(self, batch: dict[str, Any]) -> TrainBatch:
+        labelled = batch["tag"] == LABELLED_TAG
+        y_true = batch["y"].long()
+        y = torch.where(labelled, y_true, torch.full_like(y_true, -1))
+        views = list(batch["views"])
+        if self.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return TrainBatch(
+            views=views,
+            y=y,
+            labelled=labelled,
+            index=batch["index"],
+            y_true=y_true if self.uses_unlabelled_labels else None,
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self.training_losses(self.make_train_batch(batch))
+        bs = len(batch["y"])
+        for name, value in losses.items():
+            value = value if torch.is_tensor(value) else torch.tensor(float(value))
+            self.log(f"train/{name}", value.detach().float(), batch_size=bs, on_step=False,
+                     on_epoch=True, prog_bar=name == "loss")
+        return losses["loss"]
+
+    # ----------------------------------------------------------------- shared evaluation
+    def on_validation_epoch_start(self) -> None:
+        self._eval_logits.clear()
+        self._eval_targets.clear()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x = batch["image"]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        outputs = self.predict_logits(x)
+        self._eval_logits.append(outputs.detach().float())
+        self._eval_targets.append(torch.stack([batch["y"], batch["index"]], 1).detach())
+
+    def gather_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test outputs and labels of this epoch, gathered over DDP ranks, one row per image."""
+        outputs, targets = torch.cat(self._eval_logits), torch.cat(self._eval_targets)
+        if self.trainer.world_size > 1:  # the distributed sampler pads with repeated rows
+            outputs = self.all_gather(outputs).flatten(0, 1)
+            targets = self.all_gather(targets).flatten(0, 1)
+            order = torch.argsort(targets[:, 1], stable=True)
+            outputs, targets = outputs[order], targets[order]
+            first = torch.ones(len(targets), dtype=torch.bool, device=targets.device)
+            first[1:] = targets[1:, 1] != targets[:-1, 1]
+            outputs, targets = outputs[first], targets[first]
+        return outputs.cpu(), targets[:, 0].cpu()
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._eval_logits or self.trainer.sanity_checking:
+            return
+        record = self.evaluate_outputs(*self.gather_eval())
+        record["epoch"] = int(self.current_epoch)
+        self.eval_history.append(record)
+        scalars = {f"test/{k}": float(v) for k, v in record["metrics"].items()}
+        self.log_dict(scalars, on_epoch=True)
+
+    def evaluate_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+        """Metrics of one evaluation of the test split (predictions, metrics, K)."""
+        y_true = targets.numpy().astype(np.int64)
+        y_pred = np.asarray(self.predictions_from_outputs(outputs), dtype=np.int64)
+        result = evaluate_predictions(y_true, y_pred, self.problem.num_known)
+        k_est = self.k_estimated()
+        if k_est is not None:
+            result["metrics"]["k_estimated"] = k_est
+        result["k_estimated"] = k_est
+        return result
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["owdfa_eval_history"] = self.eval_history
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.eval_history = list(checkpoint.get("owdfa_eval_history", []))
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        return build_optimizer(self.optim, [p for p in self.parameters() if p.requires_grad],
+                               self.problem.max_epochs)
+
+
+def build_optimizer(optim: dict[str, Any], params, max_epochs: int):
+    """Optimizer and per-epoch scheduler from a method's `optim` config block."""
+    name = optim.get("name", "adam").lower()
+    lr = float(optim.get("lr", 2e-4))
+    wd = float(optim.get("weight_decay", 0.0))
+    if name == "adam":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    elif name == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    elif name == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, weight_decay=wd,
+                              momentum=float(optim.get("momentum", 0.9)))
+    else:
+        raise ValueError(f"method.optim.name={name!r}: use one of adam, adamw, sgd")
+    sched = optim.get("scheduler", "step")
+    if sched in (None, "none"):
+        return opt
+    if sched == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            opt, step_size=int(optim.get("step_size", 10)), gamma=float(optim.get("gamma", 0.1)))
+    elif sched == "multistep":
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            opt, milestones=list(optim.get("milestones", [])), gamma=float(optim.get("gamma", 0.1)))
+    elif sched == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=max(1, max_epochs), eta_min=lr * float(optim.get("eta_min_ratio", 1e-3)))
+    else:
+        raise ValueError(f"method.optim.scheduler={sched!r}: use step, multistep, cosine or none")
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,95 @@
+"""Model parts shared by the methods: backbone, the reference's pooling, BNNeck, prototype head.
+
+Every OW-DFA reference (CAL, CPL, CDAL) builds the same blocks (methods.md 1.1-1.3); they live
+here once so that a method file holds only what is specific to it.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def build_backbone(name: str = "resnet18", pretrained: bool = False, **kwargs) -> nn.Module:
+    """A timm model without its classifier and global pooling: `forward` returns the feature map.
+
+    `model.num_features` is the channel count of that map. `pretrained=True` downloads weights
+    through timm/huggingface_hub (real runs only; tests always pass False).
+    """
+    return timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="", **kwargs)
+
+
+def custom_pool_geometry(size: int, out: int) -> tuple[int, int]:
+    """Kernel and stride of the reference's `AdaptiveAvgPool2dCustom` for one axis.
+
+    stride = floor(n / o), kernel = n - (o - 1) * stride: windows overlap when o does not
+    divide n (8 -> 3: kernel 4, stride 2), so it differs from `nn.AdaptiveAvgPool2d`.
+    """
+    if out < 1 or out > size:
+        raise ValueError(f"cannot pool a size-{size} axis to {out} cells")
+    stride = size // out
+    return size - (out - 1) * stride, stride
+
+
+def custom_avg_pool2d(x: torch.Tensor, out_size: int | tuple[int, int]) -> torch.Tensor:
+    """`AdaptiveAvgPool2dCustom` of CAL and CPL: a plain average pool with derived kernel/stride."""
+    oh, ow = (out_size, out_size) if isinstance(out_size, int) else out_size
+    kh, sh = custom_pool_geometry(x.shape[-2], oh)
+    kw, sw = custom_pool_geometry(x.shape[-1], ow)
+    return F.avg_pool2d(x, kernel_size=(kh, kw), stride=(sh, sw))
+
+
+class BNNeck(nn.BatchNorm1d):
+    """BatchNorm1d with its bias frozen at zero and weight one (the reference's "bottleneck")."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+        self.bias.requires_grad_(False)
+
+
+class PrototypeHead(nn.Module):
+    """Bias-free linear head whose first `num_active` rows are the live prototypes.
+
+    The weight keeps all `num_rows` rows (as CAL's `fc2` does); `num_active` is a buffer, so it
+    is saved in checkpoints (the reference keeps it as a plain attribute and loses it, quirk 19).
+    """
+
+    def __init__(self, dim: int, num_rows: int, init_std: float = 1e-3):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_rows, dim) * init_std)
+        self.register_buffer("num_active", torch.tensor(num_rows, dtype=torch.long))
+
+    @property
+    def active(self) -> int:
+        return int(self.num_active)
+
+    def set_active(self, n: int) -> None:
+        if not 1 <= n <= self.weight.shape[0]:
+            raise ValueError(f"active prototypes must be in [1, {self.weight.shape[0]}], got {n}")
+        self.num_active.fill_(n)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.weight[: self.active].t()
+
+
+class GlobalFeatureEncoder(nn.Module):
+    """Backbone feature map -> custom pool to 1x1 -> BNNeck: the global feature of CAL and CPL."""
+
+    def __init__(self, backbone: dict | None = None):
+        super().__init__()
+        self.backbone = build_backbone(**(backbone or {}))
+        self.dim = self.backbone.num_features
+        self.neck = BNNeck(self.dim)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.neck(custom_avg_pool2d(fmap, 1).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_map(x))
