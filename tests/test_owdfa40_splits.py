@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from owdfa_bench.data.owdfa40 import Budgets, build_owdfa40_splits, check_splits, Splits
+from owdfa_bench.data.owdfa40 import Budgets, Splits, build_owdfa40_splits, check_splits
 
 BUDGETS = Budgets(real=6, real_per_folder=4, known=4, novel=3)
 KNOWN = [0, 1, 3, 6]

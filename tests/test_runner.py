@@ -1,6 +1,7 @@
 """The shared runner on a tiny OWDFA-40 tree: records, determinism, skipping, failures, resume."""
 
 import json
+from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -21,7 +22,7 @@ def test_lower_bound_writes_a_complete_record(make_owdfa40_cfg):
     record = run(cfg)
     path = cfg.run_dir + "/results.json"
     assert path.endswith("single/lower_bound/p1/k-known/seed-2025/results.json")
-    on_disk = json.loads(open(path).read())
+    on_disk = json.loads(Path(path).read_text())
     assert on_disk["status"] == "complete"
     assert set(REQUIRED) <= set(on_disk)
     assert set(METRICS) <= set(on_disk["metrics"])
@@ -63,7 +64,7 @@ def test_failure_is_recorded_then_raised(make_owdfa40_cfg, tmp_path):
     cfg = make_owdfa40_cfg("method=lower_bound", f"data.root={tmp_path / 'missing'}")
     with pytest.raises(FileNotFoundError, match="data.root"):
         run(cfg)
-    record = json.loads(open(cfg.run_dir + "/results.json").read())
+    record = json.loads(Path(cfg.run_dir, "results.json").read_text())
     assert record["status"] == "failed" and "data.root" in record["error"]
 
 

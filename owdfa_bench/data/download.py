@@ -1,0 +1,296 @@
+"""`owdfa-bench download --root DIR`: fetch, unzip and check the OWDFA-40 release.
+
+The release is the Hugging Face dataset `hyzheng/OWDFA40-Benchmark`: one zip per class folder
+under `data/` and the dlib 68-landmark predictor at the top. `snapshot_download` puts them in
+`DIR/data/*.zip` and `DIR/shape_predictor_68_face_landmarks.dat` (it resumes interrupted
+downloads itself). Each zip is extracted into `DIR/<zip name without .zip>/`, as CAL's README
+does inside `data/` (`unzip "$z" -d "${z%.zip}"`), but one level up, so `DIR` is at once the
+release root (predictor) and the folder of class folders that `data.root` names.
+
+Re-running is safe: a zip whose marker (`<folder>/.owdfa_extracted.json`, holding the zip's size,
+mtime and SHA-256) matches is skipped; an interrupted extraction resumes, rewriting only members
+whose file is missing or has the wrong size. Extraction refuses absolute member paths, paths that
+escape the target folder (zip-slip) and symbolic links, before writing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import stat
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from owdfa_bench.protocols import load_registry
+
+REPO_ID = "hyzheng/OWDFA40-Benchmark"
+PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
+ALLOW_PATTERNS = ["data/*.zip", PREDICTOR_FILE]
+ZIP_DIR = "data"
+MARKER_FILE = ".owdfa_extracted.json"
+
+
+class UnsafeZipError(ValueError):
+    """A zip member would be written outside its target folder."""
+
+
+def fetch_release(
+    root: str | os.PathLike,
+    repo_id: str = REPO_ID,
+    revision: str | None = None,
+    skip_zips: Sequence[str] = (),
+) -> Path:
+    """Download (or resume) the release's zips and predictor into `root`; returns `root`.
+
+    `skip_zips` are zip names not to fetch (extracted earlier, then deleted with --delete-zips).
+    """
+    from huggingface_hub import snapshot_download
+
+    local = snapshot_download(
+        repo_id,
+        repo_type="dataset",
+        revision=revision,
+        local_dir=str(root),
+        allow_patterns=ALLOW_PATTERNS,
+        ignore_patterns=[f"{ZIP_DIR}/{name}" for name in skip_zips] or None,
+    )
+    return Path(local)
+
+
+def extracted_without_zip(root: str | os.PathLike) -> list[str]:
+    """Zip names whose extraction is complete (marker) and whose zip is no longer on disk."""
+    root = Path(root)
+    names = []
+    for marker in sorted(root.glob(f"*/{MARKER_FILE}")):
+        name = json.loads(marker.read_text()).get("zip", "")
+        if name and not (root / ZIP_DIR / name).exists():
+            names.append(name)
+    return names
+
+
+def checked_members(archive: zipfile.ZipFile, target: str | os.PathLike) -> list[zipfile.ZipInfo]:
+    """Every member, after refusing absolute paths, `..` escapes and symlinks (zip-slip)."""
+    base = Path(target).resolve()
+    members = archive.infolist()
+    for info in members:
+        name = info.filename.replace("\\", "/")
+        if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+            raise UnsafeZipError(f"{archive.filename}: refusing absolute member path {name!r}")
+        if ".." in PurePosixPath(name).parts:
+            raise UnsafeZipError(
+                f"{archive.filename}: refusing member {name!r}, which escapes the target folder"
+            )
+        if not (base / name).resolve().is_relative_to(base):
+            raise UnsafeZipError(f"{archive.filename}: member {name!r} resolves outside {base}")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise UnsafeZipError(f"{archive.filename}: refusing symbolic link member {name!r}")
+    return members
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def target_dir(zip_path: str | os.PathLike, root: str | os.PathLike) -> Path:
+    return Path(root) / Path(zip_path).stem
+
+
+def is_extracted(zip_path: str | os.PathLike, target: str | os.PathLike) -> bool:
+    """True when `target`'s marker records this very zip (size + mtime, or else SHA-256)."""
+    marker = Path(target) / MARKER_FILE
+    if not marker.is_file():
+        return False
+    recorded = json.loads(marker.read_text())
+    st = os.stat(zip_path)
+    if recorded.get("size") != st.st_size:
+        return False
+    if recorded.get("mtime_ns") == st.st_mtime_ns:
+        return True
+    return recorded.get("sha256") == _sha256(Path(zip_path))  # touched or copied, same bytes
+
+
+@dataclass
+class ExtractResult:
+    zip_name: str
+    target: str
+    skipped: bool  # marker matched: nothing done
+    written: int = 0  # members written now
+    kept: int = 0  # members already present with the right size (resumed extraction)
+
+
+def extract_zip(
+    zip_path: str | os.PathLike, target: str | os.PathLike, on_bytes=None
+) -> ExtractResult:
+    """Extract `zip_path` into `target`, resuming, then write the marker.
+
+    Members are written to a temporary name and renamed, so a file of the right size is
+    complete. `on_bytes(n)` is called as bytes are written (progress bar).
+    """
+    zip_path, target = Path(zip_path), Path(target)
+    result = ExtractResult(zip_path.name, str(target), skipped=False)
+    with zipfile.ZipFile(zip_path) as archive:
+        members = checked_members(archive, target)
+        target.mkdir(parents=True, exist_ok=True)
+        for info in members:
+            dest = target / info.filename.replace("\\", "/")
+            if info.is_dir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            if dest.is_file() and dest.stat().st_size == info.file_size:
+                result.kept += 1
+                if on_bytes:
+                    on_bytes(info.file_size)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            partial = dest.with_name(dest.name + ".partial")
+            with archive.open(info) as src, open(partial, "wb") as out:  # CRC checked at EOF
+                while block := src.read(1 << 20):
+                    out.write(block)
+                    if on_bytes:
+                        on_bytes(len(block))
+            os.replace(partial, dest)
+            result.written += 1
+    st = os.stat(zip_path)
+    marker = {
+        "zip": zip_path.name,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256": _sha256(zip_path),
+        "members": len(members),
+    }
+    (target / MARKER_FILE).write_text(json.dumps(marker, indent=2))
+    return result
+
+
+def extract_release(
+    root: str | os.PathLike, progress: bool = True, delete_zips: bool = False
+) -> list[ExtractResult]:
+    """Extract every `root/data/*.zip` not yet extracted, with a rich progress bar over bytes."""
+    root = Path(root)
+    zips = sorted((root / ZIP_DIR).glob("*.zip"))
+    results, todo = [], []
+    for z in zips:
+        target = target_dir(z, root)
+        if is_extracted(z, target):
+            results.append(ExtractResult(z.name, str(target), skipped=True))
+        else:
+            todo.append((z, target))
+    if todo:
+        total = 0
+        for z, _ in todo:
+            with zipfile.ZipFile(z) as archive:
+                total += sum(i.file_size for i in archive.infolist())
+        if progress:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+            )
+        else:
+            bar = None
+        with bar if bar is not None else contextlib.nullcontext():
+            task = bar.add_task("unzipping", total=total) if bar else None
+            for z, target in todo:
+                if bar:
+                    bar.update(task, description=f"unzipping {z.name}")
+                advance = (lambda n: bar.advance(task, n)) if bar else None
+                results.append(extract_zip(z, target, advance))
+    if delete_zips:
+        for z in zips:
+            if is_extracted(z, target_dir(z, root)):
+                z.unlink()
+    return results
+
+
+def missing_classes(root: str | os.PathLike, benchmark: str = "owdfa40") -> list[str]:
+    """Registry classes with no folder `<index>_...` directly under `root` (empty = complete)."""
+    root = Path(root)
+    present = set()
+    if root.is_dir():
+        for entry in root.iterdir():
+            prefix = entry.name.split("_")[0]
+            if entry.is_dir() and prefix.isdigit():
+                present.add(int(prefix))
+    missing = []
+    for c in load_registry(benchmark)["classes"]:
+        if int(c["index"]) not in present:
+            folders = ", ".join(c.get("folders", [])) or f"{c['index']}_..."
+            missing.append(f"{c['index']} ({c['code']}, expected {folders})")
+    return missing
+
+
+def cli_download(argv: list[str]) -> int:
+    """`owdfa-bench download --root DIR`: fetch, unzip, verify; 0 when every class is there."""
+    parser = argparse.ArgumentParser(
+        prog="owdfa-bench download",
+        description=f"Download the OWDFA-40 release ({REPO_ID}) into DIR, unzip it, check it.",
+    )
+    parser.add_argument("--root", required=True, help="release folder (becomes data.root)")
+    parser.add_argument("--repo-id", default=REPO_ID, help="Hugging Face dataset id")
+    parser.add_argument("--revision", default=None, help="dataset revision (branch/tag/commit)")
+    parser.add_argument(
+        "--no-fetch",
+        action="store_true",
+        help="skip the download; only unzip and verify what is in DIR/data",
+    )
+    parser.add_argument(
+        "--delete-zips", action="store_true", help="remove each zip once its extraction is complete"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    root = Path(args.root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        if not args.no_fetch:
+            console.print(f"downloading {args.repo_id} into {root} (resumes if interrupted)")
+            fetch_release(root, args.repo_id, args.revision, extracted_without_zip(root))
+        results = extract_release(root, progress=not args.no_progress, delete_zips=args.delete_zips)
+    except (UnsafeZipError, zipfile.BadZipFile, OSError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 1
+    skipped = sum(r.skipped for r in results)
+    console.print(
+        f"{len(results)} zips: {len(results) - skipped} extracted now, {skipped} already complete"
+    )
+    missing = missing_classes(root)
+    if missing:
+        console.print(
+            f"[red]{len(missing)} classes have no folder in {root}:[/red]\n  "
+            + "\n  ".join(missing)
+            + "\nRe-run this command to resume; check DIR/data for missing zips."
+        )
+        return 1
+    if not (root / PREDICTOR_FILE).is_file():
+        console.print(
+            f"[yellow]note:[/yellow] {PREDICTOR_FILE} is not in {root} (needed only "
+            "for face alignment)"
+        )
+    console.print(
+        f"OWDFA-40 ready. Next:\n  owdfa-bench prepare data=owdfa40 data.root={root}\n"
+        f"  python run.py data=owdfa40 data.root={root} data.crop_face=true"
+    )
+    return 0

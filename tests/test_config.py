@@ -1,0 +1,75 @@
+"""The config tree composes: every group option, launcher and sweep, and methods match configs."""
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import CONF, REPO, compose_config
+
+METHOD_CONFIGS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+SWEEPS = sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml"))
+
+
+def test_every_method_config_targets_a_method_class():
+    from owdfa_bench.method import OWDFAMethod
+
+    for name in METHOD_CONFIGS:
+        cfg = yaml.safe_load((CONF / "method" / f"{name}.yaml").read_text())
+        assert cfg["name"] == name
+        module, _, cls = cfg["model"]["_target_"].rpartition(".")
+        assert module == f"methods.{name}", f"{name}: one method = one file in methods/"
+        assert issubclass(getattr(importlib.import_module(module), cls), OWDFAMethod)
+        assert {"epochs", "batch_size", "sampler", "optim"} <= set(cfg)
+
+
+def test_every_method_module_has_a_config():
+    helpers = {"__init__", "common_losses"}  # shared code, not methods
+    modules = {p.stem for p in (REPO / "methods").glob("*.py")} - helpers
+    assert modules == set(METHOD_CONFIGS)
+
+
+@pytest.mark.parametrize("group", ["data", "protocol", "k", "trainer", "logger"])
+def test_every_group_option_composes(group):
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        cfg = compose_config([f"{group}={option}", "method=lower_bound"])
+        assert cfg[group] is not None
+
+
+def test_seed_and_split_seed_are_separate():
+    cfg = compose_config(["seed=7", "method=lower_bound"])
+    assert cfg.seed == 7 and cfg.data.split_seed == 2025
+    assert cfg.run_dir.endswith("lower_bound/p1/k-known/seed-7")
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_slurm"])
+def test_launchers_compose(launcher):
+    out = subprocess.run(
+        [sys.executable, "run.py", "--cfg", "hydra", f"hydra/launcher={launcher}",
+         "method=lower_bound"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"hydra_plugins.hydra_{launcher.split('_')[0]}_launcher" in out.stdout
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_sweeps_compose(sweep):
+    out = subprocess.run([sys.executable, "run.py", "--cfg", "hydra", f"+sweep={sweep}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    hydra_cfg = yaml.safe_load(out.stdout)["hydra"]
+    assert hydra_cfg["mode"] == "MULTIRUN" and hydra_cfg["sweeper"]["params"]
+
+
+def test_gpu_and_ddp_trainers_build_on_cpu():
+    """The GPU recipes compose and turn into a Trainer (accelerator swapped for the CPU here)."""
+    import lightning.pytorch as pl
+
+    for option in ("gpu", "ddp"):
+        t = compose_config([f"trainer={option}", "method=lower_bound"]).trainer
+        assert t.precision == "bf16-mixed" and t.channels_last and t.pin_memory
+        assert t.num_workers >= 4
+        trainer = pl.Trainer(accelerator="cpu", devices=1, precision=t.precision,
+                             strategy="auto", logger=False, enable_checkpointing=False)
+        assert trainer.precision == "bf16-mixed"
+    assert compose_config(["trainer=ddp", "method=lower_bound"]).trainer.strategy.startswith("ddp")
