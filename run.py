@@ -1,8 +1,8 @@
 """Hydra entry point: compose the config, run one cell, nothing else.
 
-    python run.py method=cpl protocol=p2 seed=2026
-    python run.py -m method=cal,cpl seed=2025,2026,2027
-    python run.py +sweep=demo
+python run.py method=cpl protocol=p2 seed=2026
+python run.py -m method=cal,cpl seed=2025,2026,2027
+python run.py +sweep=demo
 """
 
 import hydra

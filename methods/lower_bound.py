@@ -23,8 +23,9 @@ class SupervisedClassifier(OWDFAMethod):
 
     train_views: ClassVar[tuple[str, ...]] = ("weak",)
 
-    def __init__(self, problem: Problem, optim: dict, backbone: dict, num_outputs: int,
-                 dropout: float = 0.2):
+    def __init__(
+        self, problem: Problem, optim: dict, backbone: dict, num_outputs: int, dropout: float = 0.2
+    ):
         super().__init__(problem, optim)
         self.encoder = GlobalFeatureEncoder(backbone)
         self.dropout = nn.Dropout(dropout)

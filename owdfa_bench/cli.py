@@ -7,16 +7,31 @@ import sys
 
 # command -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS = {
-    "aggregate": ("owdfa_bench.aggregate", "cli_aggregate",
-                  "seed-aggregated tables and plots of a sweep folder"),
-    "synth-preview": ("owdfa_bench.data.synth", "cli_synth_preview",
-                      "PNG grid of the built-in synthetic benchmark"),
-    "evaluate": ("owdfa_bench.evaluate", "cli_evaluate",
-                 "evaluate a checkpoint (ours or an official CAL release)"),
-    "download": ("owdfa_bench.data.download", "cli_download",
-                 "fetch and unpack the OWDFA-40 release"),
-    "prepare": ("owdfa_bench.data.faces", "cli_prepare",
-                "crop faces once with dlib and cache them"),
+    "aggregate": (
+        "owdfa_bench.aggregate",
+        "cli_aggregate",
+        "seed-aggregated tables and plots of a sweep folder",
+    ),
+    "synth-preview": (
+        "owdfa_bench.data.synth",
+        "cli_synth_preview",
+        "PNG grid of the built-in synthetic benchmark",
+    ),
+    "evaluate": (
+        "owdfa_bench.evaluate",
+        "cli_evaluate",
+        "evaluate a checkpoint (ours or an official CAL release)",
+    ),
+    "download": (
+        "owdfa_bench.data.download",
+        "cli_download",
+        "fetch and unpack the OWDFA-40 release",
+    ),
+    "prepare": (
+        "owdfa_bench.data.faces",
+        "cli_prepare",
+        "crop faces once with dlib and cache them",
+    ),
 }
 
 

@@ -122,8 +122,14 @@ class OWDFAMethod(pl.LightningModule):
         bs = len(batch["y"])
         for name, value in losses.items():
             value = value if torch.is_tensor(value) else torch.tensor(float(value))
-            self.log(f"train/{name}", value.detach().float(), batch_size=bs, on_step=False,
-                     on_epoch=True, prog_bar=name == "loss")
+            self.log(
+                f"train/{name}",
+                value.detach().float(),
+                batch_size=bs,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=name == "loss",
+            )
         return losses["loss"]
 
     # ----------------------------------------------------------------- shared evaluation
@@ -180,8 +186,9 @@ class OWDFAMethod(pl.LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):
-        return build_optimizer(self.optim, [p for p in self.parameters() if p.requires_grad],
-                               self.problem.max_epochs)
+        return build_optimizer(
+            self.optim, [p for p in self.parameters() if p.requires_grad], self.problem.max_epochs
+        )
 
 
 def build_optimizer(optim: dict[str, Any], params, max_epochs: int):
@@ -194,8 +201,9 @@ def build_optimizer(optim: dict[str, Any], params, max_epochs: int):
     elif name == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     elif name == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, weight_decay=wd,
-                              momentum=float(optim.get("momentum", 0.9)))
+        opt = torch.optim.SGD(
+            params, lr=lr, weight_decay=wd, momentum=float(optim.get("momentum", 0.9))
+        )
     else:
         raise ValueError(f"method.optim.name={name!r}: use one of adam, adamw, sgd")
     sched = optim.get("scheduler", "step")
@@ -203,13 +211,16 @@ def build_optimizer(optim: dict[str, Any], params, max_epochs: int):
         return opt
     if sched == "step":
         scheduler = torch.optim.lr_scheduler.StepLR(
-            opt, step_size=int(optim.get("step_size", 10)), gamma=float(optim.get("gamma", 0.1)))
+            opt, step_size=int(optim.get("step_size", 10)), gamma=float(optim.get("gamma", 0.1))
+        )
     elif sched == "multistep":
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            opt, milestones=list(optim.get("milestones", [])), gamma=float(optim.get("gamma", 0.1)))
+            opt, milestones=list(optim.get("milestones", [])), gamma=float(optim.get("gamma", 0.1))
+        )
     elif sched == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=max(1, max_epochs), eta_min=lr * float(optim.get("eta_min_ratio", 1e-3)))
+            opt, T_max=max(1, max_epochs), eta_min=lr * float(optim.get("eta_min_ratio", 1e-3))
+        )
     else:
         raise ValueError(f"method.optim.scheduler={sched!r}: use step, multistep, cosine or none")
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

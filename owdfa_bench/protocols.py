@@ -57,15 +57,19 @@ class Protocol:
         return sorted(by_index.values(), key=lambda c: mapping[c.index])
 
     def summary(self) -> str:
-        return (f"{self.benchmark}/{self.name}: {self.num_classes} classes, "
-                f"{self.num_known} known, {len(self.novel)} novel")
+        return (
+            f"{self.benchmark}/{self.name}: {self.num_classes} classes, "
+            f"{self.num_known} known, {len(self.novel)} novel"
+        )
 
 
 def load_registry(benchmark: str = "owdfa40") -> dict:
     path = PROTOCOLS_DIR / f"{benchmark}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in PROTOCOLS_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"no protocol file {path.name} in protocols/; available: {available}")
+        raise FileNotFoundError(
+            f"no protocol file {path.name} in protocols/; available: {available}"
+        )
     with open(path) as f:
         return yaml.safe_load(f)
 
@@ -74,8 +78,13 @@ def load_protocol(name: str, benchmark: str = "owdfa40") -> Protocol:
     """Load and validate one protocol: known codes exist in the registry and REAL is known."""
     registry = load_registry(benchmark)
     classes = tuple(
-        ClassInfo(int(c["index"]), str(c["code"]), str(c["family"]), str(c["name"]),
-                  tuple(c.get("folders", ())))
+        ClassInfo(
+            int(c["index"]),
+            str(c["code"]),
+            str(c["family"]),
+            str(c["name"]),
+            tuple(c.get("folders", ())),
+        )
         for c in registry["classes"]
     )
     codes = [c.code for c in classes]
@@ -84,20 +93,26 @@ def load_protocol(name: str, benchmark: str = "owdfa40") -> Protocol:
         raise ValueError(f"protocols/{benchmark}.yaml: duplicate class code or index")
     protocols = registry.get("protocols", {})
     if name not in protocols:
-        raise KeyError(f"protocol {name!r} is not in protocols/{benchmark}.yaml; "
-                       f"available: {sorted(protocols)}")
+        raise KeyError(
+            f"protocol {name!r} is not in protocols/{benchmark}.yaml; "
+            f"available: {sorted(protocols)}"
+        )
     by_code = {c.code: c for c in classes}
     known_codes = list(protocols[name]["known"])
     unknown = [c for c in known_codes if c not in by_code]
     if unknown:
-        raise ValueError(f"protocols/{benchmark}.yaml, protocol {name}: unknown class codes "
-                         f"{unknown}; valid codes: {codes}")
+        raise ValueError(
+            f"protocols/{benchmark}.yaml, protocol {name}: unknown class codes "
+            f"{unknown}; valid codes: {codes}"
+        )
     if len(set(known_codes)) != len(known_codes):
         raise ValueError(f"protocols/{benchmark}.yaml, protocol {name}: a known code is repeated")
     if "REAL" in by_code and "REAL" not in known_codes:
         raise ValueError(f"protocols/{benchmark}.yaml, protocol {name}: REAL must be a known class")
     known = tuple(sorted(by_code[c].index for c in known_codes))
     if len(known) >= len(classes):
-        raise ValueError(f"protocol {name}: every class is known; an open-world protocol needs "
-                         "at least one novel class")
+        raise ValueError(
+            f"protocol {name}: every class is known; an open-world protocol needs "
+            "at least one novel class"
+        )
     return Protocol(benchmark, name, tuple(sorted(classes, key=lambda c: c.index)), known)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -19,8 +20,17 @@ RESULTS_FILE = "results.json"
 # Keys that say where and how a run is recorded or shown, not what it computes.
 HASH_EXCLUDED_KEYS = ("force", "logger", "output_root", "sweep_name", "run_dir", "hydra")
 HASH_EXCLUDED_TRAINER_KEYS = ("progress_bar", "num_workers", "pin_memory")
-VERSIONED_PACKAGES = ("torch", "torchvision", "lightning", "timm", "numpy", "scipy",
-                      "scikit-learn", "hydra-core", "pandas")
+VERSIONED_PACKAGES = (
+    "torch",
+    "torchvision",
+    "lightning",
+    "timm",
+    "numpy",
+    "scipy",
+    "scikit-learn",
+    "hydra-core",
+    "pandas",
+)
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -36,13 +46,22 @@ def config_hash(cfg: DictConfig) -> str:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=5,
+        )
         commit = out.stdout.strip() if out.returncode == 0 else None
         if commit:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5,
-                                   cwd=Path(__file__).resolve().parent).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
             commit += "-dirty" if dirty else ""
         return commit
     except (OSError, subprocess.SubprocessError):
@@ -52,10 +71,8 @@ def git_commit() -> str | None:
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in VERSIONED_PACKAGES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return versions
 
 
@@ -101,5 +118,9 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
 
 
 def is_complete(record: dict[str, Any] | None, cfg_hash: str) -> bool:
-    return bool(record) and record.get("status") == "complete" \
-        and record.get("config_hash") == cfg_hash and bool(record.get("metrics"))
+    return (
+        bool(record)
+        and record.get("status") == "complete"
+        and record.get("config_hash") == cfg_hash
+        and bool(record.get("metrics"))
+    )

@@ -56,8 +56,9 @@ class Timing(pl.Callback):
     def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
         self._t0 = time.perf_counter()
 
-    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx,
-                                dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         self.eval_s += time.perf_counter() - self._t0
         self.eval_images += len(batch["y"])
 
@@ -72,9 +73,13 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 def make_problem(cfg: DictConfig, splits: DataSplits, max_epochs: int) -> Problem:
     estimate = cfg.k.get("estimate")
-    return Problem(num_known=splits.num_known, num_classes=splits.num_classes,
-                   k_mode=str(cfg.k.name), k_estimate=None if estimate is None else int(estimate),
-                   max_epochs=max_epochs)
+    return Problem(
+        num_known=splits.num_known,
+        num_classes=splits.num_classes,
+        k_mode=str(cfg.k.name),
+        k_estimate=None if estimate is None else int(estimate),
+        max_epochs=max_epochs,
+    )
 
 
 def build_method(cfg: DictConfig, problem: Problem) -> OWDFAMethod:
@@ -90,10 +95,16 @@ def build_method(cfg: DictConfig, problem: Problem) -> OWDFAMethod:
 
 def build_datamodule(cfg: DictConfig, splits: DataSplits, method: OWDFAMethod) -> OWDFADataModule:
     return OWDFADataModule(
-        splits, image_size=int(cfg.data.image_size), train_views=tuple(method.train_views),
-        batch_size=int(cfg.method.batch_size), sampler=str(cfg.method.sampler),
-        train_on=method.train_on, seed=int(cfg.seed),
-        num_workers=int(cfg.trainer.num_workers), pin_memory=bool(cfg.trainer.pin_memory))
+        splits,
+        image_size=int(cfg.data.image_size),
+        train_views=tuple(method.train_views),
+        batch_size=int(cfg.method.batch_size),
+        sampler=str(cfg.method.sampler),
+        train_on=method.train_on,
+        seed=int(cfg.seed),
+        num_workers=int(cfg.trainer.num_workers),
+        pin_memory=bool(cfg.trainer.pin_memory),
+    )
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -108,12 +119,19 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
         from lightning.pytorch.loggers import WandbLogger
 
         cell = f"{cfg.method.name}-{cfg.protocol.name}-k{cfg.k.name}"
-        return [WandbLogger(
-            project=str(cfg.logger.project), entity=cfg.logger.get("entity"),
-            mode=str(cfg.logger.mode), save_dir=str(run_dir), group=cell,
-            name=f"{cell}-seed{cfg.seed}", tags=[f"seed-{cfg.seed}", str(cfg.data.name)],
-            job_type=str(cfg.sweep_name),
-            config=OmegaConf.to_container(cfg, resolve=True))]
+        return [
+            WandbLogger(
+                project=str(cfg.logger.project),
+                entity=cfg.logger.get("entity"),
+                mode=str(cfg.logger.mode),
+                save_dir=str(run_dir),
+                group=cell,
+                name=f"{cell}-seed{cfg.seed}",
+                tags=[f"seed-{cfg.seed}", str(cfg.data.name)],
+                job_type=str(cfg.sweep_name),
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        ]
     raise ValueError(f"logger={kind!r}: use wandb, csv or none")
 
 
@@ -129,30 +147,45 @@ def close_loggers(loggers: list, summary: dict[str, Any] | None, failed: bool) -
         wandb.finish(exit_code=1 if failed else 0)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list, timing: Timing,
-                  max_epochs: int) -> pl.Trainer:
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, loggers: list, timing: Timing, max_epochs: int
+) -> pl.Trainer:
     t = cfg.trainer
     # one rolling checkpoint, rewritten after every epoch's evaluation, to resume from
-    latest = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="last", monitor=None,
-                             save_top_k=1, every_n_epochs=1, enable_version_counter=False)
+    latest = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"),
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        every_n_epochs=1,
+        enable_version_counter=False,
+    )
     callbacks = [timing, latest]
     if t.get("progress_bar", False):
         from lightning.pytorch.callbacks import RichProgressBar
 
         callbacks.append(RichProgressBar())
     return pl.Trainer(
-        accelerator=str(t.accelerator), devices=t.devices, strategy=str(t.strategy),
-        num_nodes=int(t.get("num_nodes", 1)), precision=str(t.precision),
-        max_epochs=max_epochs, limit_train_batches=t.get("limit_train_batches"),
-        limit_val_batches=t.get("limit_val_batches"), deterministic=t.deterministic,
-        num_sanity_val_steps=0, logger=loggers or False, callbacks=callbacks,
-        enable_progress_bar=bool(t.get("progress_bar", False)), default_root_dir=str(run_dir),
+        accelerator=str(t.accelerator),
+        devices=t.devices,
+        strategy=str(t.strategy),
+        num_nodes=int(t.get("num_nodes", 1)),
+        precision=str(t.precision),
+        max_epochs=max_epochs,
+        limit_train_batches=t.get("limit_train_batches"),
+        limit_val_batches=t.get("limit_val_batches"),
+        deterministic=t.deterministic,
+        num_sanity_val_steps=0,
+        logger=loggers or False,
+        callbacks=callbacks,
+        enable_progress_bar=bool(t.get("progress_bar", False)),
+        default_root_dir=str(run_dir),
         log_every_n_steps=int(t.get("log_every_n_steps", 10)),
-        enable_model_summary=False)
+        enable_model_summary=False,
+    )
 
 
-def select_evaluation(history: list[dict[str, Any]], selection: str,
-                      metric: str) -> dict[str, Any]:
+def select_evaluation(history: list[dict[str, Any]], selection: str, metric: str) -> dict[str, Any]:
     """The reported evaluation: the last epoch, or (reference behaviour) the best on test."""
     if not history:
         raise RuntimeError("no evaluation was run; check trainer.limit_val_batches")
@@ -166,13 +199,22 @@ def select_evaluation(history: list[dict[str, Any]], selection: str,
 
 def base_record(cfg: DictConfig, cfg_hash: str) -> dict[str, Any]:
     return {
-        "schema_version": SCHEMA_VERSION, "status": "running", "error": None,
-        "method": str(cfg.method.name), "protocol": str(cfg.protocol.name),
-        "k": str(cfg.k.name), "seed": int(cfg.seed), "split_seed": int(cfg.data.split_seed),
-        "data": str(cfg.data.name), "synthetic": bool(cfg.data.get("synthetic", False)),
-        "selection": str(cfg.selection), "config_hash": cfg_hash,
-        "config": OmegaConf.to_container(cfg, resolve=True), "git_commit": git_commit(),
-        "versions": package_versions(), "device": device_name(cfg),
+        "schema_version": SCHEMA_VERSION,
+        "status": "running",
+        "error": None,
+        "method": str(cfg.method.name),
+        "protocol": str(cfg.protocol.name),
+        "k": str(cfg.k.name),
+        "seed": int(cfg.seed),
+        "split_seed": int(cfg.data.split_seed),
+        "data": str(cfg.data.name),
+        "synthetic": bool(cfg.data.get("synthetic", False)),
+        "selection": str(cfg.selection),
+        "config_hash": cfg_hash,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "git_commit": git_commit(),
+        "versions": package_versions(),
+        "device": device_name(cfg),
     }
 
 
@@ -196,8 +238,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cfg_hash = config_hash(cfg)
     previous = read_record(run_dir)
     if not cfg.get("force", False) and is_complete(previous, cfg_hash):
-        log.info("skipping %s: results.json is complete for config %s (force=true re-runs)",
-                 run_dir, cfg_hash)
+        log.info(
+            "skipping %s: results.json is complete for config %s (force=true re-runs)",
+            run_dir,
+            cfg_hash,
+        )
         return previous
     if previous is not None and previous.get("config_hash") not in (None, cfg_hash):
         ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -225,29 +270,43 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if resume:
             log.info("resuming from %s", resume)
         trainer.fit(method, datamodule=datamodule, ckpt_path=resume)
-        chosen = select_evaluation(method.eval_history, str(cfg.selection),
-                                   method.selection_metric)
+        chosen = select_evaluation(method.eval_history, str(cfg.selection), method.selection_metric)
         train_rate, eval_rate = timing.rates()
         record.update(
-            status="complete", epochs=max_epochs, selected_epoch=chosen["epoch"],
+            status="complete",
+            epochs=max_epochs,
+            selected_epoch=chosen["epoch"],
             selection_metric=method.selection_metric if cfg.selection == "best_on_test" else None,
-            metrics=chosen["metrics"], num_clusters=chosen["num_clusters"],
-            k_estimated=chosen.get("k_estimated"), num_known=splits.num_known,
-            num_classes=splits.num_classes, classes=splits.classes,
-            per_class_acc=chosen["per_class_acc"], confusion=chosen["confusion"],
+            metrics=chosen["metrics"],
+            num_clusters=chosen["num_clusters"],
+            k_estimated=chosen.get("k_estimated"),
+            num_known=splits.num_known,
+            num_classes=splits.num_classes,
+            classes=splits.classes,
+            per_class_acc=chosen["per_class_acc"],
+            confusion=chosen["confusion"],
             history=[{"epoch": h["epoch"], "metrics": h["metrics"]} for h in method.eval_history],
-            counts={"labelled": len(splits.labelled), "unlabelled": len(splits.unlabelled),
-                    "test": len(splits.test)},
-            data_warnings=splits.warnings, unreadable=splits.unreadable,
-            train_images_per_s=train_rate, eval_images_per_s=eval_rate,
-            wall_s=round(time.perf_counter() - started, 2))
+            counts={
+                "labelled": len(splits.labelled),
+                "unlabelled": len(splits.unlabelled),
+                "test": len(splits.test),
+            },
+            data_warnings=splits.warnings,
+            unreadable=splits.unreadable,
+            train_images_per_s=train_rate,
+            eval_images_per_s=eval_rate,
+            wall_s=round(time.perf_counter() - started, 2),
+        )
         write_json_atomic(run_dir / RESULTS_FILE, record)
         close_loggers(loggers, summary=record["metrics"], failed=False)
         return record
     except BaseException as err:
-        record.update(status="failed", error=f"{type(err).__name__}: {err}",
-                      traceback=traceback.format_exc(limit=20),
-                      wall_s=round(time.perf_counter() - started, 2))
+        record.update(
+            status="failed",
+            error=f"{type(err).__name__}: {err}",
+            traceback=traceback.format_exc(limit=20),
+            wall_s=round(time.perf_counter() - started, 2),
+        )
         write_json_atomic(run_dir / RESULTS_FILE, record)
         close_loggers(loggers, summary=None, failed=True)
         raise

@@ -52,8 +52,9 @@ def compose_config(overrides: list[str]) -> DictConfig:
         return compose(config_name="config", overrides=overrides)
 
 
-def write_owdfa40_tree(root: Path, per_class: int = 5, real_per_folder: int = 5,
-                       size: int = 24, seed: int = 0) -> Path:
+def write_owdfa40_tree(
+    root: Path, per_class: int = 5, real_per_folder: int = 5, size: int = 24, seed: int = 0
+) -> Path:
     """Every OWDFA-40 class folder with a few PNGs whose colour depends on the class."""
     rng = np.random.default_rng(seed)
     for cls in load_registry("owdfa40")["classes"]:
@@ -84,8 +85,14 @@ def make_cfg(tmp_path, synth_root) -> Callable[..., DictConfig]:
     """make_cfg(*overrides): the real config on tiny synthetic data, smoke trainer, no logger."""
 
     def make(*overrides: str) -> DictConfig:
-        base = ["trainer=smoke", "logger=none", "data=synth", f"data.root={synth_root}",
-                f"output_root={tmp_path / 'outputs'}", *TINY_SYNTH]
+        base = [
+            "trainer=smoke",
+            "logger=none",
+            "data=synth",
+            f"data.root={synth_root}",
+            f"output_root={tmp_path / 'outputs'}",
+            *TINY_SYNTH,
+        ]
         return compose_config(base + list(overrides))
 
     return make
@@ -96,8 +103,14 @@ def make_owdfa40_cfg(tmp_path, owdfa40_root) -> Callable[..., DictConfig]:
     """make_owdfa40_cfg(*overrides): the real-data path on a tiny tree made by the test."""
 
     def make(*overrides: str) -> DictConfig:
-        base = ["trainer=smoke", "logger=none", "data=owdfa40", f"data.root={owdfa40_root}",
-                f"output_root={tmp_path / 'outputs'}", *TINY_OWDFA40]
+        base = [
+            "trainer=smoke",
+            "logger=none",
+            "data=owdfa40",
+            f"data.root={owdfa40_root}",
+            f"output_root={tmp_path / 'outputs'}",
+            *TINY_OWDFA40,
+        ]
         return compose_config(base + list(overrides))
 
     return make

@@ -46,16 +46,32 @@ def test_seed_and_split_seed_are_separate():
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_slurm"])
 def test_launchers_compose(launcher):
     out = subprocess.run(
-        [sys.executable, "run.py", "--cfg", "hydra", f"hydra/launcher={launcher}",
-         "method=lower_bound"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "run.py",
+            "--cfg",
+            "hydra",
+            f"hydra/launcher={launcher}",
+            "method=lower_bound",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert f"hydra_plugins.hydra_{launcher.split('_')[0]}_launcher" in out.stdout
 
 
 @pytest.mark.parametrize("sweep", SWEEPS)
 def test_sweeps_compose(sweep):
-    out = subprocess.run([sys.executable, "run.py", "--cfg", "hydra", f"+sweep={sweep}"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "run.py", "--cfg", "hydra", f"+sweep={sweep}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     hydra_cfg = yaml.safe_load(out.stdout)["hydra"]
     assert hydra_cfg["mode"] == "MULTIRUN" and hydra_cfg["sweeper"]["params"]
@@ -69,7 +85,13 @@ def test_gpu_and_ddp_trainers_build_on_cpu():
         t = compose_config([f"trainer={option}", "method=lower_bound"]).trainer
         assert t.precision == "bf16-mixed" and t.channels_last and t.pin_memory
         assert t.num_workers >= 4
-        trainer = pl.Trainer(accelerator="cpu", devices=1, precision=t.precision,
-                             strategy="auto", logger=False, enable_checkpointing=False)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            precision=t.precision,
+            strategy="auto",
+            logger=False,
+            enable_checkpointing=False,
+        )
         assert trainer.precision == "bf16-mixed"
     assert compose_config(["trainer=ddp", "method=lower_bound"]).trainer.strategy.startswith("ddp")

@@ -23,8 +23,11 @@ def reference_prepare(root, train, known, train_classes, seed, b=BUDGETS, test_r
         paths = []
         for dirpath, dirnames, files in os.walk(os.path.join(root, folder)):
             dirnames.sort()
-            paths += [os.path.join(dirpath, f) for f in sorted(files)
-                      if f.lower().endswith((".jpg", ".jpeg", ".png"))]
+            paths += [
+                os.path.join(dirpath, f)
+                for f in sorted(files)
+                if f.lower().endswith((".jpg", ".jpeg", ".png"))
+            ]
         if label == 0:
             paths = list(np.random.choice(paths, b.real_per_folder, replace=False))
         samples.setdefault(label, []).extend(paths)
@@ -47,8 +50,9 @@ def reference_datasets(root, known, train_classes, seed):
     np.random.seed(seed)
     train = reference_prepare(root, True, known, train_classes, seed)
     known_rows = [i for i, (_, y) in enumerate(train) if y in known]
-    chosen = np.random.choice(np.arange(len(known_rows)), int(len(known_rows) * 0.75),
-                              replace=False)
+    chosen = np.random.choice(
+        np.arange(len(known_rows)), int(len(known_rows) * 0.75), replace=False
+    )
     mask = np.zeros(len(train), bool)
     mask[np.array(known_rows)[chosen]] = True
     labelled = [r for r, m in zip(train, mask) if m]

@@ -20,8 +20,10 @@ def test_registry_has_41_classes_with_families():
     assert p.classes[33].code == "G7" and p.classes[33].name == "SD2.1"
 
 
-@pytest.mark.parametrize("name,known,n_known", [("p1", P1_KNOWN, 19), ("p2", P2_KNOWN, 13),
-                                               ("p3", sorted(P1_KNOWN + P3_EXTRA), 29)])
+@pytest.mark.parametrize(
+    "name,known,n_known",
+    [("p1", P1_KNOWN, 19), ("p2", P2_KNOWN, 13), ("p3", sorted(P1_KNOWN + P3_EXTRA), 29)],
+)
 def test_protocol_known_sets(name, known, n_known):
     p = load_protocol(name)
     assert list(p.known) == known

@@ -9,12 +9,44 @@ from hydra.errors import ConfigCompositionException
 from methods.lower_bound import LowerBound
 from owdfa_bench.runner import run, select_evaluation
 
-REQUIRED = ["schema_version", "status", "method", "protocol", "k", "seed", "split_seed",
-            "selection", "epochs", "metrics", "num_clusters", "k_estimated", "per_class_acc",
-            "confusion", "train_images_per_s", "eval_images_per_s", "wall_s", "config_hash",
-            "git_commit", "versions", "device", "classes", "history"]
-METRICS = ["all_acc", "known_acc", "novel_acc", "all_nmi", "all_ari", "known_nmi",
-           "known_ari", "novel_nmi", "novel_ari", "gcd_v2_all_acc", "gcd_v1_all_acc"]
+REQUIRED = [
+    "schema_version",
+    "status",
+    "method",
+    "protocol",
+    "k",
+    "seed",
+    "split_seed",
+    "selection",
+    "epochs",
+    "metrics",
+    "num_clusters",
+    "k_estimated",
+    "per_class_acc",
+    "confusion",
+    "train_images_per_s",
+    "eval_images_per_s",
+    "wall_s",
+    "config_hash",
+    "git_commit",
+    "versions",
+    "device",
+    "classes",
+    "history",
+]
+METRICS = [
+    "all_acc",
+    "known_acc",
+    "novel_acc",
+    "all_nmi",
+    "all_ari",
+    "known_nmi",
+    "known_ari",
+    "novel_nmi",
+    "novel_ari",
+    "gcd_v2_all_acc",
+    "gcd_v1_all_acc",
+]
 
 
 def test_lower_bound_writes_a_complete_record(make_owdfa40_cfg):
@@ -36,10 +68,8 @@ def test_lower_bound_writes_a_complete_record(make_owdfa40_cfg):
 
 
 def test_same_config_and_seed_give_identical_metrics(make_owdfa40_cfg):
-    a = run(make_owdfa40_cfg("method=upper_bound", "output_root=/tmp/owdfa-test-a",
-                             "force=true"))
-    b = run(make_owdfa40_cfg("method=upper_bound", "output_root=/tmp/owdfa-test-b",
-                             "force=true"))
+    a = run(make_owdfa40_cfg("method=upper_bound", "output_root=/tmp/owdfa-test-a", "force=true"))
+    b = run(make_owdfa40_cfg("method=upper_bound", "output_root=/tmp/owdfa-test-b", "force=true"))
     assert a["metrics"] == b["metrics"]
     assert a["config_hash"] == b["config_hash"]  # the output folder is not part of the hash
 

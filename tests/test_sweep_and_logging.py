@@ -12,9 +12,20 @@ from owdfa_bench.runner import run
 
 
 def _multirun(root: Path, out: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "run.py", "-m", "method=lower_bound,upper_bound", "seed=2025,2026",
-           "data=owdfa40", f"data.root={root}", "trainer=smoke", "logger=none",
-           f"output_root={out}", "sweep_name=cells", *TINY_OWDFA40]
+    cmd = [
+        sys.executable,
+        "run.py",
+        "-m",
+        "method=lower_bound,upper_bound",
+        "seed=2025,2026",
+        "data=owdfa40",
+        f"data.root={root}",
+        "trainer=smoke",
+        "logger=none",
+        f"output_root={out}",
+        "sweep_name=cells",
+        *TINY_OWDFA40,
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -23,8 +34,11 @@ def test_multirun_writes_four_cells_and_relaunch_skips_them(owdfa40_root, tmp_pa
     assert first.returncode == 0, first.stderr[-3000:]
     records = sorted((tmp_path / "cells").glob("*/p1/k-known/seed-*/results.json"))
     assert [str(p.relative_to(tmp_path / "cells").parent) for p in records] == [
-        "lower_bound/p1/k-known/seed-2025", "lower_bound/p1/k-known/seed-2026",
-        "upper_bound/p1/k-known/seed-2025", "upper_bound/p1/k-known/seed-2026"]
+        "lower_bound/p1/k-known/seed-2025",
+        "lower_bound/p1/k-known/seed-2026",
+        "upper_bound/p1/k-known/seed-2025",
+        "upper_bound/p1/k-known/seed-2026",
+    ]
     assert all(json.loads(p.read_text())["status"] == "complete" for p in records)
     # the end-of-sweep callback aggregated the cells
     assert (tmp_path / "cells" / "tables" / "summary.csv").is_file()
@@ -46,8 +60,10 @@ def test_wandb_offline_run_holds_the_summary(make_owdfa40_cfg, monkeypatch):
     for key in ("all_acc", "known_acc", "novel_acc", "all_nmi", "all_ari"):
         assert summary[key] == pytest.approx(record["metrics"][key])
     assert "test/all_acc" in summary  # per-epoch history is logged too
-    run_files = " ".join(p.read_text(errors="ignore")
-                         for p in Path(cfg.run_dir).glob("wandb/offline-run-*/files/*.yaml"))
+    run_files = " ".join(
+        p.read_text(errors="ignore")
+        for p in Path(cfg.run_dir).glob("wandb/offline-run-*/files/*.yaml")
+    )
     assert "api_key" not in run_files.lower()
 
 
@@ -59,9 +75,15 @@ def test_unreadable_images_are_listed_and_fail_the_run(make_owdfa40_cfg, owdfa40
     broken = root / "1_Swap_Deepfakes" / "frames" / "000.png"
     broken.write_bytes(b"not a png")
     with pytest.raises(RuntimeError, match="000.png") as err:
-        run(make_owdfa40_cfg("method=lower_bound", f"data.root={root}",
-                             "data.max_unreadable_fraction=0.0"))
+        run(
+            make_owdfa40_cfg(
+                "method=lower_bound", f"data.root={root}", "data.max_unreadable_fraction=0.0"
+            )
+        )
     assert "max_unreadable_fraction" in str(err.value)
-    record = run(make_owdfa40_cfg("method=lower_bound", f"data.root={root}",
-                                  "data.max_unreadable_fraction=0.05"))
+    record = run(
+        make_owdfa40_cfg(
+            "method=lower_bound", f"data.root={root}", "data.max_unreadable_fraction=0.05"
+        )
+    )
     assert record["unreadable"] == [str(broken)]

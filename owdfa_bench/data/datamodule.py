@@ -40,8 +40,10 @@ class DataSplits:
         return len(self.classes)
 
     def counts(self) -> str:
-        return (f"{len(self.labelled)} labelled, {len(self.unlabelled)} unlabelled, "
-                f"{len(self.test)} test rows")
+        return (
+            f"{len(self.labelled)} labelled, {len(self.unlabelled)} unlabelled, "
+            f"{len(self.test)} test rows"
+        )
 
 
 def resolve_data_root(data_cfg: DictConfig) -> Path:
@@ -51,8 +53,10 @@ def resolve_data_root(data_cfg: DictConfig) -> Path:
 
         return Path(ensure_synth_dataset(data_cfg))
     if not data_cfg.get("root"):
-        raise ValueError(f"data={data_cfg.name} needs data.root=<folder of class folders>; "
-                         "e.g. python run.py data=owdfa40 data.root=/path/to/OWDFA40")
+        raise ValueError(
+            f"data={data_cfg.name} needs data.root=<folder of class folders>; "
+            "e.g. python run.py data=owdfa40 data.root=/path/to/OWDFA40"
+        )
     return Path(str(data_cfg.root)).expanduser()
 
 
@@ -62,8 +66,17 @@ def relabel(rows: list[Row], mapping: dict[int, int]) -> list[Row]:
 
 def class_table(protocol: Protocol) -> list[dict[str, Any]]:
     mapping, known = protocol.label_of_index(), set(protocol.known)
-    return [{"label": mapping[c.index], "index": c.index, "code": c.code, "family": c.family,
-             "name": c.name, "known": c.index in known} for c in protocol.classes_by_label()]
+    return [
+        {
+            "label": mapping[c.index],
+            "index": c.index,
+            "code": c.code,
+            "family": c.family,
+            "name": c.name,
+            "known": c.index in known,
+        }
+        for c in protocol.classes_by_label()
+    ]
 
 
 def drop_unreadable(splits: DataSplits, max_fraction: float) -> DataSplits:
@@ -78,12 +91,16 @@ def drop_unreadable(splits: DataSplits, max_fraction: float) -> DataSplits:
         raise RuntimeError(
             f"{len(bad)} of {len(rows)} images ({fraction:.2%}) cannot be read, more than "
             f"data.max_unreadable_fraction={max_fraction}:\n  {listing}\nFix or remove these "
-            "files, or raise data.max_unreadable_fraction to train without them.")
+            "files, or raise data.max_unreadable_fraction to train without them."
+        )
     log.warning("skipping %d unreadable images:\n  %s", len(bad), listing)
     bad_set = set(bad)
     keep = lambda rs: [r for r in rs if r[0] not in bad_set]  # noqa: E731
-    splits.labelled, splits.unlabelled, splits.test = (keep(splits.labelled),
-                                                       keep(splits.unlabelled), keep(splits.test))
+    splits.labelled, splits.unlabelled, splits.test = (
+        keep(splits.labelled),
+        keep(splits.unlabelled),
+        keep(splits.test),
+    )
     splits.unreadable = bad
     return splits
 
@@ -96,24 +113,39 @@ def build_splits(cfg: DictConfig) -> DataSplits:
         from owdfa_bench.data.owdfa23 import build_owdfa23_splits
 
         lab, unlab, test, num_known, names = build_owdfa23_splits(
-            data_cfg.meta_dir, cfg.protocol, split_seed=int(data_cfg.split_seed),
-            image_root=data_cfg.get("root"))
-        classes = [{"label": i, "index": i, "code": n, "family": "", "name": n,
-                    "known": i < num_known} for i, n in enumerate(names)]
+            data_cfg.meta_dir,
+            cfg.protocol,
+            split_seed=int(data_cfg.split_seed),
+            image_root=data_cfg.get("root"),
+        )
+        classes = [
+            {"label": i, "index": i, "code": n, "family": "", "name": n, "known": i < num_known}
+            for i, n in enumerate(names)
+        ]
         splits = DataSplits(lab, unlab, test, num_known, classes, str(data_cfg.meta_dir))
     else:
         protocol = load_protocol(cfg.protocol.name, benchmark)
         log.info(protocol.summary())
         root = resolve_data_root(data_cfg)
         raw = build_owdfa40_splits(
-            root, protocol.known, [c.index for c in protocol.classes],
-            split_seed=int(data_cfg.split_seed), budgets=Budgets(**data_cfg.budgets),
+            root,
+            protocol.known,
+            [c.index for c in protocol.classes],
+            split_seed=int(data_cfg.split_seed),
+            budgets=Budgets(**data_cfg.budgets),
             test_ratio=float(data_cfg.test_ratio),
-            labelled_fraction=float(data_cfg.labelled_fraction))
+            labelled_fraction=float(data_cfg.labelled_fraction),
+        )
         mapping = protocol.label_of_index()
-        splits = DataSplits(relabel(raw.labelled, mapping), relabel(raw.unlabelled, mapping),
-                            relabel(raw.test, mapping), protocol.num_known,
-                            class_table(protocol), str(root), raw.warnings)
+        splits = DataSplits(
+            relabel(raw.labelled, mapping),
+            relabel(raw.unlabelled, mapping),
+            relabel(raw.test, mapping),
+            protocol.num_known,
+            class_table(protocol),
+            str(root),
+            raw.warnings,
+        )
     if data_cfg.get("crop_face"):
         from owdfa_bench.data.faces import resolve_cached_rows
 
@@ -130,10 +162,19 @@ class OWDFADataModule(pl.LightningDataModule):
     """Train loader (merged labelled + unlabelled, with the method's views and sampler) and the
     test loader used for per-epoch evaluation."""
 
-    def __init__(self, splits: DataSplits, image_size: int, train_views: tuple[str, ...],
-                 batch_size: int, sampler: str = "weighted", train_on: str = "all",
-                 seed: int = 0, num_workers: int = 0, pin_memory: bool = False,
-                 eval_batch_size: int | None = None):
+    def __init__(
+        self,
+        splits: DataSplits,
+        image_size: int,
+        train_views: tuple[str, ...],
+        batch_size: int,
+        sampler: str = "weighted",
+        train_on: str = "all",
+        seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        eval_batch_size: int | None = None,
+    ):
         super().__init__()
         self.splits, self.image_size = splits, image_size
         self.train_views, self.sampler_name, self.train_on = train_views, sampler, train_on
@@ -144,8 +185,13 @@ class OWDFADataModule(pl.LightningDataModule):
             raise ValueError(f"method.sampler={sampler!r}: use weighted or alternating")
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
-        return DataLoader(dataset, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, **kwargs)
+        return DataLoader(
+            dataset,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
 
     def train_dataset(self) -> TrainRows:
         unlabelled = [] if self.train_on == "labelled" else self.splits.unlabelled
@@ -160,8 +206,9 @@ class OWDFADataModule(pl.LightningDataModule):
         if self.sampler_name == "alternating":
             from owdfa_bench.data.samplers import AlternatingBalancedSampler
 
-            sampler = AlternatingBalancedSampler([y for _, y in dataset.labelled], n_unlab,
-                                                 seed=self.seed)
+            sampler = AlternatingBalancedSampler(
+                [y for _, y in dataset.labelled], n_unlab, seed=self.seed
+            )
         else:
             sampler = weighted_sampler(n_lab, n_unlab, self.seed)
         return self._loader(dataset, batch_size=self.batch_size, sampler=sampler)
@@ -171,8 +218,11 @@ class OWDFADataModule(pl.LightningDataModule):
         if split not in ("labelled", "unlabelled", "test"):
             raise KeyError(f"split must be labelled, unlabelled or test, got {split!r}")
         rows = getattr(self.splits, split)
-        return self._loader(EvalRows(rows, build_view("test", self.image_size)),
-                            batch_size=self.eval_batch_size, shuffle=False)
+        return self._loader(
+            EvalRows(rows, build_view("test", self.image_size)),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader("test")

@@ -38,8 +38,12 @@ def find_unreadable(paths: Sequence[str], workers: int = 4) -> list[str]:
 class EvalRows(Dataset):
     """`{"image", "y", "index"}` items with one deterministic transform."""
 
-    def __init__(self, rows: Sequence[Row], transform: Callable,
-                 loader: Callable[[str], Image.Image] = load_rgb):
+    def __init__(
+        self,
+        rows: Sequence[Row],
+        transform: Callable,
+        loader: Callable[[str], Image.Image] = load_rgb,
+    ):
         self.rows, self.transform, self.loader = list(rows), transform, loader
 
     def __len__(self) -> int:
@@ -57,8 +61,13 @@ class TrainRows(Dataset):
     same decoded image.
     """
 
-    def __init__(self, labelled: Sequence[Row], unlabelled: Sequence[Row],
-                 views: Sequence[Callable], loader: Callable[[str], Image.Image] = load_rgb):
+    def __init__(
+        self,
+        labelled: Sequence[Row],
+        unlabelled: Sequence[Row],
+        views: Sequence[Callable],
+        loader: Callable[[str], Image.Image] = load_rgb,
+    ):
         self.labelled, self.unlabelled = list(labelled), list(unlabelled)
         self.views, self.loader = list(views), loader
 
@@ -69,8 +78,12 @@ class TrainRows(Dataset):
         n_lab = len(self.labelled)
         path, label = self.labelled[i] if i < n_lab else self.unlabelled[i - n_lab]
         img = self.loader(path)
-        return {"views": [view(img) for view in self.views], "y": label,
-                "tag": LABELLED_TAG if i < n_lab else UNLABELLED_TAG, "index": i}
+        return {
+            "views": [view(img) for view in self.views],
+            "y": label,
+            "tag": LABELLED_TAG if i < n_lab else UNLABELLED_TAG,
+            "index": i,
+        }
 
 
 def weighted_sampler(num_labelled: int, num_unlabelled: int, seed: int) -> WeightedRandomSampler:
@@ -81,5 +94,6 @@ def weighted_sampler(num_labelled: int, num_unlabelled: int, seed: int) -> Weigh
     w_unlab = num_labelled / num_unlabelled if num_unlabelled else 0.0
     weights = torch.tensor([1.0] * num_labelled + [w_unlab] * num_unlabelled, dtype=torch.double)
     generator = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True,
-                                 generator=generator)
+    return WeightedRandomSampler(
+        weights, num_samples=len(weights), replacement=True, generator=generator
+    )

@@ -52,8 +52,11 @@ def list_images(folder: Path) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                     if f.lower().endswith(IMAGE_EXTENSIONS))
+        found.extend(
+            os.path.join(dirpath, f)
+            for f in sorted(filenames)
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
     return found
 
 
@@ -63,7 +66,8 @@ def list_class_folders(root: str | Path) -> list[tuple[int, str, list[str]]]:
     if not root.is_dir():
         raise FileNotFoundError(
             f"data root {root} does not exist; set data.root to the folder holding the OWDFA-40 "
-            "class folders (`owdfa-bench download --root DIR` fetches them)")
+            "class folders (`owdfa-bench download --root DIR` fetches them)"
+        )
     folders = []
     for name in sorted(os.listdir(root)):
         index = class_index_of(name)
@@ -73,7 +77,8 @@ def list_class_folders(root: str | Path) -> list[tuple[int, str, list[str]]]:
     if not folders:
         raise FileNotFoundError(
             f"data root {root} holds no class folders named <index>_<Type>_<Method>; "
-            "point data.root at the extracted OWDFA-40 release")
+            "point data.root at the extracted OWDFA-40 release"
+        )
     return folders
 
 
@@ -83,10 +88,15 @@ def _budget(index: int, known: set[int], budgets: Budgets) -> int:
     return budgets.novel
 
 
-def select_rows(folders: Sequence[tuple[int, str, list[str]]], known: Iterable[int],
-                train_classes: Iterable[int], rng: np.random.RandomState, budgets: Budgets,
-                test_ratio: float = 0.2, warnings: list[str] | None = None
-                ) -> tuple[list[Row], list[Row]]:
+def select_rows(
+    folders: Sequence[tuple[int, str, list[str]]],
+    known: Iterable[int],
+    train_classes: Iterable[int],
+    rng: np.random.RandomState,
+    budgets: Budgets,
+    test_ratio: float = 0.2,
+    warnings: list[str] | None = None,
+) -> tuple[list[Row], list[Row]]:
     """One `prepare_owdfa_samples` pass: returns (train rows, test rows), label-grouped.
 
     Random numbers are drawn in the reference's order: REAL folders subsampled during the scan,
@@ -98,8 +108,10 @@ def select_rows(folders: Sequence[tuple[int, str, list[str]]], known: Iterable[i
     for index, name, paths in folders:
         if index == 0:
             if len(paths) < budgets.real_per_folder:
-                warnings.append(f"{name}: {len(paths)} images, below the per-folder REAL budget "
-                                f"{budgets.real_per_folder}; using all of them")
+                warnings.append(
+                    f"{name}: {len(paths)} images, below the per-folder REAL budget "
+                    f"{budgets.real_per_folder}; using all of them"
+                )
             else:
                 paths = list(rng.choice(paths, budgets.real_per_folder, replace=False))
         by_label.setdefault(index, []).extend(paths)
@@ -111,8 +123,9 @@ def select_rows(folders: Sequence[tuple[int, str, list[str]]], known: Iterable[i
         if len(paths) > budget:
             paths = rng.choice(paths, budget, replace=False)
         elif len(paths) < budget:
-            warnings.append(f"class {index}: {len(paths)} images, below its budget {budget}; "
-                            "using all of them")
+            warnings.append(
+                f"class {index}: {len(paths)} images, below its budget {budget}; using all of them"
+            )
         paths = np.asarray(paths, dtype=object)
         rng.shuffle(paths)
         cut = int(len(paths) * (1 - test_ratio))
@@ -121,10 +134,15 @@ def select_rows(folders: Sequence[tuple[int, str, list[str]]], known: Iterable[i
     return train, test
 
 
-def build_owdfa40_splits(root: str | Path, known_classes: Iterable[int],
-                         train_classes: Iterable[int] | None = None, split_seed: int = 2025,
-                         budgets: Budgets | None = None, test_ratio: float = 0.2,
-                         labelled_fraction: float = 0.75) -> Splits:
+def build_owdfa40_splits(
+    root: str | Path,
+    known_classes: Iterable[int],
+    train_classes: Iterable[int] | None = None,
+    split_seed: int = 2025,
+    budgets: Budgets | None = None,
+    test_ratio: float = 0.2,
+    labelled_fraction: float = 0.75,
+) -> Splits:
     """(labelled, unlabelled, test) rows of `(path, class_index)`, as CAL builds them.
 
     `train_classes` defaults to every class folder found. The labelled set is drawn from the pooled
@@ -140,11 +158,13 @@ def build_owdfa40_splits(root: str | Path, known_classes: Iterable[int],
     if missing:
         raise FileNotFoundError(
             f"data root {root} has no folder for class indices {missing}; each class needs a "
-            "folder named <index>_<Type>_<Method> (see protocols/owdfa40.yaml for the names)")
+            "folder named <index>_<Type>_<Method> (see protocols/owdfa40.yaml for the names)"
+        )
     empty = [name for index, name, paths in folders if index in classes and not paths]
     if empty:
-        raise FileNotFoundError(f"class folders without .jpg/.jpeg/.png images under {root}: "
-                                f"{empty}")
+        raise FileNotFoundError(
+            f"class folders without .jpg/.jpeg/.png images under {root}: {empty}"
+        )
     warnings: list[str] = []
     rng = np.random.RandomState(split_seed)  # the train call and the labelled draw share it
     train, _ = select_rows(folders, known, classes, rng, budgets, test_ratio, warnings)
@@ -158,8 +178,9 @@ def build_owdfa40_splits(root: str | Path, known_classes: Iterable[int],
     labelled = [row for row, m in zip(train, labelled_mask) if m]
     unlabelled = [row for row, m in zip(train, labelled_mask) if not m]
     # The test pass re-seeds, so it draws the same numbers and is the train pass's complement.
-    _, test = select_rows(folders, known, classes, np.random.RandomState(split_seed), budgets,
-                          test_ratio)
+    _, test = select_rows(
+        folders, known, classes, np.random.RandomState(split_seed), budgets, test_ratio
+    )
     for w in warnings:
         log.warning(w)
     splits = Splits(labelled, unlabelled, test, warnings)
@@ -170,13 +191,15 @@ def build_owdfa40_splits(root: str | Path, known_classes: Iterable[int],
 def check_splits(splits: Splits, known_classes: Iterable[int]) -> None:
     """Asserted on every run: disjoint by path, labelled rows are known classes only."""
     known = set(known_classes)
-    sets = {name: {p for p, _ in getattr(splits, name)}
-            for name in ("labelled", "unlabelled", "test")}
+    sets = {
+        name: {p for p, _ in getattr(splits, name)} for name in ("labelled", "unlabelled", "test")
+    }
     for a, b in (("labelled", "unlabelled"), ("labelled", "test"), ("unlabelled", "test")):
         overlap = sets[a] & sets[b]
         if overlap:
-            raise AssertionError(f"{a} and {b} share {len(overlap)} images, e.g. "
-                                 f"{sorted(overlap)[0]}")
+            raise AssertionError(
+                f"{a} and {b} share {len(overlap)} images, e.g. {sorted(overlap)[0]}"
+            )
     bad = sorted({label for _, label in splits.labelled if label not in known})
     if bad:
         raise AssertionError(f"labelled set holds novel classes {bad}")

@@ -16,8 +16,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _finish(size: int) -> list:
-    return [T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-            T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return [
+        T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
 
 
 class CropOrResize:
@@ -29,8 +32,9 @@ class CropOrResize:
 
     def __init__(self, size: int, p: float = 0.2, scale: tuple[float, float] = (0.5, 1.0)):
         self.size, self.p = size, p
-        self.crop = T.RandomResizedCrop(size, scale=scale,
-                                        interpolation=T.InterpolationMode.BILINEAR)
+        self.crop = T.RandomResizedCrop(
+            size, scale=scale, interpolation=T.InterpolationMode.BILINEAR
+        )
 
     def __call__(self, img: Image.Image) -> Image.Image:
         if random.random() < self.p:
@@ -44,12 +48,14 @@ def weak_view(size: int) -> T.Compose:
 
 def strong_view(size: int) -> T.Compose:
     enlarged = int(size / 224 * 256)
-    return T.Compose([
-        T.RandomHorizontalFlip(0.5),
-        CropOrResize(enlarged, p=0.2),
-        T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4)], p=0.2),
-        *_finish(size),
-    ])
+    return T.Compose(
+        [
+            T.RandomHorizontalFlip(0.5),
+            CropOrResize(enlarged, p=0.2),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4)], p=0.2),
+            *_finish(size),
+        ]
+    )
 
 
 def test_view(size: int) -> T.Compose:
