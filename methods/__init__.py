@@ -1,1 +1,1 @@
-"""One module per method; each defines an `OWDFAMethod` subclass named in conf/method/<name>.yaml."""
+"""One module per method: an `OWDFAMethod` subclass named in conf/method/<name>.yaml."""

@@ -94,6 +94,10 @@ class OWDFAMethod(pl.LightningModule):
         """Total number of classes the method ended with under k=unknown (None when known)."""
         return None
 
+    def record_extras(self) -> dict[str, Any]:
+        """Method-specific entries for results.json (e.g. CAL's active prototypes per epoch)."""
+        return {}
+
     def predictions_from_outputs(self, outputs: torch.Tensor) -> np.ndarray:
         """Turn the concatenated `predict_logits` outputs of the test set into class ids.
 

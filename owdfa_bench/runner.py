@@ -296,6 +296,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             train_images_per_s=train_rate,
             eval_images_per_s=eval_rate,
             wall_s=round(time.perf_counter() - started, 2),
+            **method.record_extras(),
         )
         write_json_atomic(run_dir / RESULTS_FILE, record)
         close_loggers(loggers, summary=record["metrics"], failed=False)
