@@ -182,6 +182,7 @@ def build_trainer(
         default_root_dir=str(run_dir),
         log_every_n_steps=int(t.get("log_every_n_steps", 10)),
         enable_model_summary=False,
+        use_distributed_sampler=False,  # the datamodule shards its own samplers (DDP)
     )
 
 

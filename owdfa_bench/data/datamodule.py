@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
@@ -201,17 +203,38 @@ class OWDFADataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
         n_lab, n_unlab = len(dataset.labelled), len(dataset.unlabelled)
+        # The references keep a short last batch; one of size 1 would crash BatchNorm in training.
+        drop_last = len(dataset) % self.batch_size == 1
+        world, rank = self._world()
         if n_unlab == 0:
-            return self._loader(dataset, batch_size=self.batch_size, shuffle=True)
-        if self.sampler_name == "alternating":
+            sampler = torch.utils.data.RandomSampler(
+                dataset, generator=torch.Generator().manual_seed(self.seed)
+            )
+        elif self.sampler_name == "alternating":
             from owdfa_bench.data.samplers import AlternatingBalancedSampler
 
-            sampler = AlternatingBalancedSampler(
-                [y for _, y in dataset.labelled], n_unlab, seed=self.seed
+            labels = [y for _, y in dataset.labelled]
+            return self._loader(
+                dataset,
+                batch_size=self.batch_size,
+                drop_last=drop_last,
+                sampler=AlternatingBalancedSampler(
+                    labels, n_unlab, seed=self.seed, num_replicas=world, rank=rank
+                ),
             )
         else:
             sampler = weighted_sampler(n_lab, n_unlab, self.seed)
-        return self._loader(dataset, batch_size=self.batch_size, sampler=sampler)
+        if world > 1:  # each rank takes its share of the same stream of draws
+            sampler = DistributedSamplerWrapper(
+                sampler, num_replicas=world, rank=rank, shuffle=False
+            )
+        return self._loader(
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last
+        )
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def eval_loader(self, split: str = "test") -> DataLoader:
         """Deterministic loader (test transform) over the labelled, unlabelled or test rows."""

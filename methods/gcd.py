@@ -1,0 +1,282 @@
+"""GCD: generalized category discovery by contrastive learning and semi-supervised k-means.
+
+Paper: S. Vaze, K. Han, A. Vedaldi, A. Zisserman, "Generalized Category Discovery", CVPR 2022.
+Official code: github.com/sgvaze/generalized-category-discovery @ 831a645
+(`methods/contrastive_training/contrastive_training.py`,
+`methods/clustering/faster_mix_k_means_pytorch.py`, `methods/estimate_k/estimate_k.py`).
+Specification: methods.md B.3; the clustering lives in `owdfa_bench/kmeans.py`.
+
+What it computes:
+  train   backbone -> custom pool 1x1 -> BNNeck -> f; projection head: MLP (2048-2048-256,
+          GELU) -> L2-normalise -> weight-normalised linear layer to `proj_out_dim` (65536) ->
+          L2-normalise; L = (1 - lam) InfoNCE(all rows, tau 1.0) + lam SupCon(labelled rows,
+          tau 0.07), lam = 0.35 (the script's `sup_con_weight`). Both views form one batch.
+  predict semi-supervised k-means on the L2-normalised f of the labelled, unlabelled and test
+          rows together (labelled rows pinned to their class, so cluster c is class c and the
+          direct Known ACC is defined; k-means++ for the other clusters; `kmeans_n_init`
+          restarts, lowest inertia kept); the test rows' clusters are the predictions, so the
+          test split is scored like every other method. Unlabelled rows' labels are never read.
+  K       known -> the true total K (as the paper's tables). Unknown -> `k.estimate` if given,
+          else GCD's estimate: bounded Brent search over [K_known, `k_max`] of the labelled
+          rows' Hungarian accuracy of plain k-means over all training features (labelled +
+          unlabelled; test rows are not used), recomputed at every full clustering and
+          reported by `k_estimated()`. Expect it to collapse towards K_known on OWDFA-40 (CAL
+          reports 19 / 13 / 35 for P1 / P2 / P3, truth 41; methods.md D.3).
+
+When the clustering runs: the base class evaluates the test split every epoch and calls
+`predictions_from_outputs` with the test features. A *full* clustering (feature passes over the
+labelled and unlabelled training rows, the K estimate under k=unknown, SS-k-means) runs at the
+first evaluation, every `cluster_every` epochs (epochs e with (e + 1) % cluster_every == 0) and
+always at the last epoch; `cluster_every: 0` means first and last only. Between full
+clusterings the test features are assigned to the nearest centre of the last full clustering
+(stale centres: a cheap monitor, not a GCD prediction); every evaluation record says which was
+done in `record["gcd"]` together with the clustering time. The reported (last-epoch) number is
+always a full clustering.
+
+Deliberate deviations from the reference:
+  * Backbone: the OW-DFA ResNet + BNNeck, fine-tuned whole (reference: DINO ViT-B/16, last
+    block only). Clustering features are the L2-normalised BNNeck output (reference: the
+    normalised CLS feature), the projection head is only trained through.
+  * Views: the shared weak and strong views instead of two draws of one contrastive transform.
+  * Selection: GCD keeps the checkpoint with the best Old ACC of plain k-means on its test set;
+    the harness reports the last epoch by default. `selection_metric = "known_acc"` is used only
+    with `selection=best_on_test`, on SS-k-means predictions (stale-centre epochs compete too;
+    use `cluster_every: 1` to make every epoch a full clustering).
+  * The K search is bounded by `k_max` (default 10 x K_known, CAL's over-provisioning; the
+    script searches up to 1000) and uses our seeded k-means (`kmeans_estimate_n_init`
+    restarts) instead of scikit-learn's `KMeans(random_state=0)`; see owdfa_bench/kmeans.py.
+  * A batch without labelled rows (weighted sampler only) gets zero SupCon.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.common_losses import cosine_logits, info_nce_loss, projection_mlp, supcon_loss
+from owdfa_bench.kmeans import assign_to_centres, estimate_k_brent, semi_supervised_kmeans
+from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch
+from owdfa_bench.models import GlobalFeatureEncoder
+
+log = logging.getLogger(__name__)
+
+
+class GCDProjection(nn.Module):
+    """GCD's `DINOHead`: MLP -> normalise -> weight-normalised (gain 1) linear layer."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        bottleneck_dim: int,
+        out_dim: int | None,
+        num_layers: int = 3,
+    ):
+        super().__init__()
+        self.mlp = projection_mlp(in_dim, hidden_dim, bottleneck_dim, num_layers)
+        self.register_parameter("last", None)  # out_dim null: no last layer
+        if out_dim:
+            self.last = nn.Parameter(torch.empty(int(out_dim), bottleneck_dim))
+            nn.init.kaiming_uniform_(self.last, a=5**0.5)  # nn.Linear's default init
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(self.mlp(f), dim=1)
+        return z if self.last is None else cosine_logits(z, self.last)
+
+
+def gcd_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    y_labelled: torch.Tensor,
+    labelled: torch.Tensor,
+    sup_con_weight: float = 0.35,
+    infonce_temp: float = 1.0,
+    supcon_temp: float = 0.07,
+) -> dict[str, torch.Tensor]:
+    """(1 - lam) InfoNCE(all rows) + lam SupCon(labelled rows) on projections of two views."""
+    infonce = info_nce_loss(z1, z2, infonce_temp)
+    supcon = supcon_loss(z1[labelled], z2[labelled], y_labelled, supcon_temp)
+    loss = (1 - sup_con_weight) * infonce + sup_con_weight * supcon
+    return {"loss": loss, "infonce": infonce, "supcon": supcon}
+
+
+class GCD(OWDFAMethod):
+    """GCD on the shared runner (methods.md B.3)."""
+
+    train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
+    selection_metric: ClassVar[str] = "known_acc"  # GCD checkpoints on the best Old ACC
+
+    def __init__(
+        self,
+        problem: Problem,
+        optim: dict[str, Any] | None = None,
+        backbone: dict[str, Any] | None = None,
+        sup_con_weight: float = 0.35,
+        infonce_temp: float = 1.0,
+        supcon_temp: float = 0.07,
+        proj_hidden_dim: int = 2048,
+        proj_dim: int = 256,
+        proj_out_dim: int | None = 65536,
+        proj_layers: int = 3,
+        kmeans_n_init: int = 100,
+        kmeans_max_iter: int = 200,
+        kmeans_tol: float = 1e-4,
+        kmeans_seed: int = 0,
+        cluster_every: int = 10,
+        k_max: int | None = None,
+        kmeans_estimate_n_init: int = 10,
+    ):
+        super().__init__(problem, optim)
+        self.sup_con_weight = float(sup_con_weight)
+        self.infonce_temp, self.supcon_temp = float(infonce_temp), float(supcon_temp)
+        self.kmeans = {
+            "n_init": int(kmeans_n_init),
+            "max_iter": int(kmeans_max_iter),
+            "tol": float(kmeans_tol),
+            "seed": int(kmeans_seed),
+        }
+        self.kmeans_estimate_n_init = int(kmeans_estimate_n_init)
+        self.cluster_every = int(cluster_every)
+        self.k_max = int(k_max) if k_max else 10 * problem.num_known
+        self.encoder = GlobalFeatureEncoder(backbone)
+        self.projector = GCDProjection(
+            self.encoder.dim, proj_hidden_dim, proj_dim, proj_out_dim, proj_layers
+        )
+        self.centres: torch.Tensor | None = None  # of the last full clustering
+        self.k_used: int | None = None
+        self.k_search: dict[int, float] = {}  # labelled ACC per K tried by the last Brent search
+        self.last_clustering: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ training
+    def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        b = batch.y.shape[0]
+        z = self.projector(self.encoder(torch.cat(batch.views[:2])))
+        lab = batch.labelled
+        out = gcd_loss(
+            z[:b],
+            z[b:],
+            batch.y[lab],
+            lab,
+            self.sup_con_weight,
+            self.infonce_temp,
+            self.supcon_temp,
+        )
+        return {k: (v if k == "loss" else v.detach()) for k, v in out.items()}
+
+    # ------------------------------------------------------------------ prediction
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Not class scores: the L2-normalised features that the clustering consumes."""
+        return F.normalize(self.encoder(x), dim=1)
+
+    def k_estimated(self) -> int | None:
+        return None if self.problem.k_mode == "known" else self.k_used
+
+    def num_clusters(self, features: torch.Tensor, labels: torch.Tensor) -> int:
+        """K of the SS-k-means: true K, the user's estimate, or the Brent estimate."""
+        if self.problem.k_mode == "known":
+            return self.problem.num_classes
+        if self.problem.k_estimate is not None:
+            return int(self.problem.k_estimate)
+        est = estimate_k_brent(
+            features,
+            labels,
+            self.problem.num_known,
+            self.k_max,
+            n_init=self.kmeans_estimate_n_init,
+            max_iter=self.kmeans["max_iter"],
+            tol=self.kmeans["tol"],
+            seed=self.kmeans["seed"],
+        )
+        self.k_search = est.scores
+        self.last_clustering["k_search_s"] = round(est.seconds, 3)
+        log.info("GCD Brent K estimate %d (labelled ACC per K: %s)", est.k, est.scores)
+        return est.k
+
+    def cluster(
+        self,
+        labelled: torch.Tensor,
+        labelled_y: torch.Tensor,
+        unlabelled: torch.Tensor,
+        test: torch.Tensor,
+    ) -> np.ndarray:
+        """SS-k-means over labelled + unlabelled + test features; the test rows' cluster ids."""
+        # cluster on the model's device: the k-means is one distance matrix per iteration
+        train = torch.cat([labelled, unlabelled]).to(self.device)
+        test = test.to(self.device)
+        train_y = torch.cat([labelled_y.long(), torch.full((len(unlabelled),), -1)])
+        self.k_used = self.num_clusters(train, train_y)
+        features = torch.cat([train, test])
+        labels = torch.cat([train_y, torch.full((len(test),), -1)])
+        result = semi_supervised_kmeans(features, labels, self.k_used, **self.kmeans)
+        self.centres = result.centres
+        self.last_clustering.update(
+            kmeans_s=round(result.seconds, 3),
+            rows=len(features),
+            inertia=result.inertia,
+            n_iter=result.n_iter,
+        )
+        return result.assignments[len(train) :]
+
+    @torch.no_grad()
+    def split_features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised features and labels of a training split (eval transform, eval mode)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "eval_loader"):
+            raise RuntimeError(
+                "GCD clusters the training rows too: the datamodule must provide "
+                "eval_loader('labelled' | 'unlabelled')"
+            )
+        was_training = self.training
+        self.eval()
+        feats, ys = [], []
+        for batch in datamodule.eval_loader(split):
+            x = batch["image"].to(self.device)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            feats.append(self.predict_logits(x).float().cpu())
+            ys.append(batch["y"].cpu())
+        self.train(was_training)
+        return torch.cat(feats), torch.cat(ys)
+
+    def full_clustering_due(self) -> bool:
+        if self.centres is None or self._trainer is None:
+            return True
+        epoch = int(self.current_epoch)
+        if epoch + 1 >= int(self.trainer.max_epochs or self.problem.max_epochs):
+            return True
+        return self.cluster_every > 0 and (epoch + 1) % self.cluster_every == 0
+
+    def predictions_from_outputs(self, outputs: torch.Tensor) -> np.ndarray:
+        start = time.perf_counter()
+        self.last_clustering = {}
+        if not self.full_clustering_due():
+            self.last_clustering["mode"] = "stale_centres"
+            return assign_to_centres(outputs, self.centres)
+        labelled, labelled_y = self.split_features("labelled")
+        unlabelled, _ = self.split_features("unlabelled")  # their labels are never used
+        self.last_clustering["features_s"] = round(time.perf_counter() - start, 3)
+        preds = self.cluster(labelled, labelled_y, unlabelled, outputs.float())
+        self.last_clustering["mode"] = "full"
+        self.last_clustering["total_s"] = round(time.perf_counter() - start, 3)
+        log.info("GCD full clustering (epoch %d): %s", self.current_epoch, self.last_clustering)
+        return preds
+
+    def evaluate_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+        record = super().evaluate_outputs(outputs, targets)
+        record["gcd"] = {**self.last_clustering, "k": self.k_used}
+        if self.k_search and self.last_clustering.get("mode") == "full":
+            record["gcd"]["k_search"] = {int(k): v for k, v in self.k_search.items()}
+        return record
+
+    def record_extras(self) -> dict[str, Any]:
+        """The last clustering (mode, timings, K used, Brent search scores) for results.json."""
+        gcd = {**self.last_clustering, "k": self.k_used}
+        if self.k_search:
+            gcd["k_search"] = {int(k): v for k, v in self.k_search.items()}
+        return {"gcd": gcd}

@@ -1,0 +1,205 @@
+"""ORCA: open-world semi-supervised learning with an uncertainty-adaptive margin.
+
+Paper: K. Cao, M. Brbic, J. Leskovec, "Open-World Semi-Supervised Learning", ICLR 2022.
+Official code: github.com/snap-stanford/orca @ 5f33afd (`orca_imagenet.py`, `orca_cifar.py`,
+`utils.py`: `MarginLoss`, `entropy`; `models/resnet.py`: `NormedLinear`).
+Specification: methods.md B.1.
+
+What it computes, per batch (view 1 = weak, view 2 = strong, two separate forward passes):
+  model   backbone -> custom pool 1x1 -> BNNeck -> f -> dropout -> cosine head with scale 10,
+          l = 10 cos(f, w_c), C = K outputs;
+  margin  m = min(1 - mean max-softmax confidence, 0.5), computed at the start of every epoch
+          from an eval-mode pass over the unlabelled training rows (the reference runs its
+          `test` on them before each epoch);
+  losses  L = CE(l + 10 m e_y, y) on labelled rows of view 1 (the margin *raises* the target
+          logit: the reference's MarginLoss(m = -m), s = 10)
+            + BCE(<p_i(x), p_pi(i)(x')>, 1) over all rows, pi(i) = a random other labelled row of
+              the same class (labelled i; itself when alone) or the nearest neighbour by cosine
+              of the detached view-1 features over the whole batch (unlabelled i); the partner's
+              probabilities come from view 2
+            - H(mean_i p_i(x)), p = softmax(l);
+  predict argmax over all C outputs.
+
+Port to OW-DFA (methods.md B.1, "Porting to OW-DFA"): ORCA inside the harness is the CPL trainer
+(`methods/cpl.py`) with global-feature nearest-neighbour pairing only, a second view for the
+partner probabilities, the adaptive margin at scale 10 instead of CPL's fixed +0.2, and no
+soft-pseudo-label term. It keeps CPL's ResNet + BNNeck, dropout 0.2 before the head, Adam and
+50-epoch recipe and balanced alternating sampler by default. The original SGD recipe (lr 0.1,
+momentum 0.9, ImageNet-100: weight decay 1e-4, 90 epochs, milestones 30/60) is the
+`reference_optim` block of conf/method/orca.yaml (override shown there).
+
+K: known -> the true total K (the reference assumes K known). Unknown -> `k.estimate` if given,
+else `unknown_k_factor` x K_known (default 2; a rule of ours: ORCA's unknown-K experiment is not
+in its code). `k_estimated()` reports how many outputs are used: distinct argmax outputs over the
+training rows (view 1) of the current epoch.
+
+Deliberate deviations from the reference:
+  * ResNet (timm) + BNNeck + dropout, whole backbone fine-tuned (reference: SimCLR ResNet with
+    all but `layer4` frozen, no BNNeck, no dropout), as the CPL trainer it is ported into.
+  * The margin pass uses the labelled/unlabelled split of the harness (eval transform) and runs
+    at every epoch start, epoch 0 included, like the reference. `margin_source:
+    previous_epoch` instead uses the mean confidence of the previous epoch's training rows that
+    were unlabelled (view 1, train mode; m = 0.5 in epoch 0): no extra pass, not the reference.
+  * The labelled partner is drawn with torch's RNG (CPL's `labelled_partners`), not NumPy's;
+    the nearest neighbour excludes the row itself instead of taking the 2nd of the top-2 (they
+    differ only when another row has exactly the same feature).
+  * A batch without labelled rows (weighted sampler only) gets zero CE.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.common_losses import cosine_logits, entropy_of_mean, pairwise_bce
+from methods.cpl import head_rows, labelled_partners, margin_cross_entropy
+from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch
+from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead
+
+log = logging.getLogger(__name__)
+MARGIN_SOURCES = ("unlabelled_pass", "previous_epoch")
+
+
+def adaptive_margin(mean_confidence: float, cap: float = 0.5) -> float:
+    """ORCA's m = min(1 - mean max-softmax confidence, cap)."""
+    return min(1.0 - float(mean_confidence), float(cap))
+
+
+def orca_partners(
+    features: torch.Tensor,
+    y: torch.Tensor,
+    labelled: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Partner index of every row: same-class labelled row or cosine nearest neighbour.
+
+    Labelled rows: a uniformly random other labelled row with the same label (itself if alone).
+    Unlabelled rows: the most cosine-similar *other* row of the whole batch (detached features).
+    """
+    b = y.shape[0]
+    unit = F.normalize(features.detach(), dim=1)
+    sim = (unit @ unit.t()).masked_fill(
+        torch.eye(b, dtype=torch.bool, device=unit.device), float("-inf")
+    )
+    partners = sim.argmax(dim=1) if b > 1 else torch.zeros(1, dtype=torch.long, device=unit.device)
+    lab_idx = torch.nonzero(labelled).flatten()
+    if lab_idx.numel():
+        partners[lab_idx] = lab_idx[labelled_partners(y[lab_idx], generator)]
+    return partners
+
+
+def orca_losses(
+    logits_v1: torch.Tensor,
+    logits_v2: torch.Tensor,
+    features_v1: torch.Tensor,
+    y: torch.Tensor,
+    labelled: torch.Tensor,
+    margin: float,
+    scale: float = 10.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every ORCA term of one batch; `logits_*` are already scaled (scale * cosine)."""
+    p1, p2 = F.softmax(logits_v1, dim=1), F.softmax(logits_v2, dim=1)
+    partners = orca_partners(features_v1, y, labelled, generator)
+    pair_sim = (p1 * p2[partners]).sum(dim=1)
+    ce = margin_cross_entropy(logits_v1[labelled], y[labelled], scale * margin)
+    pair = pairwise_bce(pair_sim, torch.ones_like(pair_sim, dtype=torch.bool))
+    entropy = entropy_of_mean(p1)
+    return {"loss": ce + pair - entropy, "ce": ce, "pair": pair, "entropy": entropy}
+
+
+class ORCA(OWDFAMethod):
+    """ORCA on the shared runner (methods.md B.1)."""
+
+    train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
+
+    def __init__(
+        self,
+        problem: Problem,
+        optim: dict[str, Any] | None = None,
+        backbone: dict[str, Any] | None = None,
+        scale: float = 10.0,
+        margin_cap: float = 0.5,
+        margin_source: str = "unlabelled_pass",
+        dropout: float = 0.2,
+        unknown_k_factor: int = 2,
+    ):
+        super().__init__(problem, optim)
+        if margin_source not in MARGIN_SOURCES:
+            raise ValueError(
+                f"method.model.margin_source={margin_source!r}: use one of {MARGIN_SOURCES}"
+            )
+        self.scale, self.margin_cap = float(scale), float(margin_cap)
+        self.margin_source = margin_source
+        self.encoder = GlobalFeatureEncoder(backbone)
+        self.dropout = nn.Dropout(dropout)
+        self.head = PrototypeHead(self.encoder.dim, head_rows(problem, unknown_k_factor))
+        self.margin = self.margin_cap  # before any confidence is measured (u ~ 1 at init)
+        self.register_buffer(
+            "usage", torch.zeros(self.head.active, dtype=torch.long), persistent=False
+        )
+        self._conf_sum, self._conf_count = 0.0, 0  # unlabelled training rows of this epoch
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return cosine_logits(
+            self.dropout(features), self.head.weight[: self.head.active], self.scale
+        )
+
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.encoder(x))
+
+    def k_estimated(self) -> int | None:
+        if self.problem.k_mode == "known":
+            return None
+        used = int((self.usage > 0).sum())
+        return used if used > 0 else self.head.active
+
+    # ------------------------------------------------------------------ adaptive margin
+    @torch.no_grad()
+    def unlabelled_mean_confidence(self) -> float:
+        """Mean max-softmax confidence over the unlabelled training rows, eval mode."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "eval_loader"):
+            raise RuntimeError(
+                "ORCA's margin_source=unlabelled_pass needs a datamodule with "
+                "eval_loader('unlabelled'); set method.model.margin_source="
+                "previous_epoch otherwise"
+            )
+        was_training = self.training
+        self.eval()
+        total, count = 0.0, 0
+        for batch in datamodule.eval_loader("unlabelled"):
+            x = batch["image"].to(self.device)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            conf = F.softmax(self.predict_logits(x).float(), dim=1).max(dim=1).values
+            total, count = total + float(conf.sum()), count + conf.numel()
+        self.train(was_training)
+        return total / count if count else 1.0 - self.margin_cap
+
+    def on_train_epoch_start(self) -> None:
+        if self.margin_source == "unlabelled_pass":
+            self.margin = adaptive_margin(self.unlabelled_mean_confidence(), self.margin_cap)
+        elif self._conf_count:
+            self.margin = adaptive_margin(self._conf_sum / self._conf_count, self.margin_cap)
+        self._conf_sum, self._conf_count = 0.0, 0
+        self.usage.zero_()
+
+    # ------------------------------------------------------------------ training
+    def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        f1 = self.encoder(batch.views[0])
+        f2 = self.encoder(batch.views[1])
+        l1, l2 = self.logits(f1), self.logits(f2)
+        out = orca_losses(l1, l2, f1, batch.y, batch.labelled, self.margin, self.scale)
+        with torch.no_grad():
+            conf = F.softmax(l1[~batch.labelled], dim=1).max(dim=1).values
+            self._conf_sum += float(conf.sum())
+            self._conf_count += conf.numel()
+            self.usage += torch.bincount(l1.argmax(1), minlength=self.usage.numel())
+        out = {k: (v if k == "loss" else v.detach()) for k, v in out.items()}
+        out["margin"] = torch.tensor(self.margin)
+        return out

@@ -1,0 +1,293 @@
+"""The built-in synthetic benchmark: determinism, layout, cache rules, family structure,
+learnability. Tiny configurations (32 px, 3 images per class) keep each test to a few seconds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from owdfa_bench.data import synth
+from owdfa_bench.data import synth_render as sr
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"image_size": 32, "real_per_folder": 3, "fakes_per_class": 3, "strength": 1.0, "seed": 0}
+
+
+def tiny_cfg(root: Path, **generator) -> dict:
+    gen = {k: v for k, v in TINY.items() if k != "image_size"} | generator
+    return {"root": str(root), "image_size": TINY["image_size"], "generator": gen}
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    return synth.generate_synth_dataset(tmp_path_factory.mktemp("synth") / "tiny", **TINY)
+
+
+def manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def by_code() -> dict[str, synth.SynthClass]:
+    return {c.code: c for c in synth.load_registry()}
+
+
+def test_generating_twice_gives_identical_files_and_manifest_hash(tiny_root, tmp_path):
+    again = synth.generate_synth_dataset(tmp_path / "again", **TINY)
+    first, second = manifest(tiny_root), manifest(again)
+    assert first["manifest_sha256"] == second["manifest_sha256"]
+    assert first["files"] == second["files"]
+    some = first["files"][::40]
+    for entry in some:  # the listed hash is the hash of the bytes on disk
+        data = (again / entry["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+
+
+def test_worker_count_does_not_change_the_output(tiny_root, tmp_path):
+    two = synth.generate_synth_dataset(tmp_path / "two", workers=2, **TINY)  # child processes
+    assert manifest(two)["manifest_sha256"] == manifest(tiny_root)["manifest_sha256"]
+
+
+def test_layout_matches_the_registry(tiny_root):
+    classes = synth.load_registry()
+    assert len(classes) == 41
+    folders = sorted(p.name for p in tiny_root.iterdir() if p.is_dir())
+    assert folders == sorted(f for c in classes for f in c.folders)
+    assert "0_Real_CelebDF" in folders and "0_Real_FF++" in folders
+    for cls in classes:
+        for folder in cls.folders:
+            assert folder.split("_")[0] == str(cls.index)
+            files = sorted((tiny_root / folder).glob("*.png"))
+            expected = TINY["real_per_folder"] if cls.family == "REAL" else TINY["fakes_per_class"]
+            assert [f.name for f in files] == [f"{i:05d}.png" for i in range(expected)]
+    img = np.asarray(Image.open(tiny_root / "1_Swap_Deepfakes" / "00000.png"))
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    m = manifest(tiny_root)
+    assert m["synthetic"] is True and m["parameters"] == TINY
+    assert m["num_files"] == 2 * 3 + 40 * 3 == len(m["files"])
+
+
+def test_folder_type_names_match_families():
+    words = {"S": "Swap", "R": "Reenact", "E": "Edit", "G": "Generate", "REAL": "Real"}
+    for cls in synth.load_registry():
+        for folder in cls.folders:
+            assert folder.split("_")[1] == words[cls.family], folder
+
+
+def test_png_encoder_round_trips_exactly():
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 700, 3), dtype=np.uint8)  # > 64 kB raw
+    data = sr.encode_png(rgb)
+    decoded = np.asarray(Image.open(__import__("io").BytesIO(data)).convert("RGB"))
+    assert np.array_equal(decoded, rgb)
+
+
+def test_changed_parameter_changes_hash_and_stale_cache_is_rebuilt(tiny_root, tmp_path, caplog):
+    root = tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger="owdfa_bench.data.synth")
+    assert synth.ensure_synth_dataset(tiny_cfg(root)) == root
+    first = manifest(root)["manifest_sha256"]
+    assert first == manifest(tiny_root)["manifest_sha256"]
+    stamp = (root / "manifest.json").stat().st_mtime_ns
+
+    caplog.clear()
+    synth.ensure_synth_dataset(tiny_cfg(root))  # same parameters: reused, not rewritten
+    assert (root / "manifest.json").stat().st_mtime_ns == stamp
+    assert "reusing" in caplog.text
+
+    caplog.clear()
+    synth.ensure_synth_dataset(tiny_cfg(root, strength=0.5))
+    assert "parameters" in caplog.text and "building" in caplog.text
+    second = manifest(root)
+    assert second["parameters"]["strength"] == 0.5 and second["manifest_sha256"] != first
+
+    victim = root / second["files"][5]["path"]
+    victim.unlink()
+    caplog.clear()
+    synth.ensure_synth_dataset(tiny_cfg(root, strength=0.5))
+    assert "missing" in caplog.text and victim.is_file()
+    assert manifest(root)["manifest_sha256"] == second["manifest_sha256"]
+    assert not list(tmp_path.glob(".cache.*"))  # no temporary or old folders left behind
+
+
+def test_stale_generator_version_is_rebuilt(tmp_path, monkeypatch):
+    root = synth.ensure_synth_dataset(tiny_cfg(tmp_path / "v"))
+    data = manifest(root)
+    data["generator_version"] = "0"
+    (root / "manifest.json").write_text(json.dumps(data))
+    assert "version" in synth.cache_problem(root, synth.SynthParams(**TINY))
+    synth.ensure_synth_dataset(tiny_cfg(root))
+    assert manifest(root)["generator_version"] == synth.GENERATOR_VERSION
+
+
+def test_a_folder_that_is_not_a_synth_cache_is_never_replaced(tmp_path):
+    precious = tmp_path / "my_data"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="not a synth cache"):
+        synth.ensure_synth_dataset(tiny_cfg(precious))
+    assert (precious / "keep.txt").read_text() == "user data"
+
+
+def test_interrupted_generation_leaves_no_cache(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = synth.render_sample
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synth, "render_sample", failing)
+    with pytest.raises(KeyboardInterrupt):
+        synth.generate_synth_dataset(tmp_path / "cut", **TINY)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_cache_root_is_keyed_by_parameters(monkeypatch, tmp_path):
+    monkeypatch.setenv("OWDFA_BENCH_CACHE", str(tmp_path))
+    a = synth.default_cache_root(synth.SynthParams())
+    b = synth.default_cache_root(synth.SynthParams(strength=0.5))
+    assert a.parent == tmp_path and a.name.startswith("synth-") and a != b
+
+
+def test_budgets_larger_than_the_generated_set_are_refused(tmp_path):
+    cfg = tiny_cfg(tmp_path / "b") | {"budgets": {"known": 40, "novel": 2, "real_per_folder": 2}}
+    with pytest.raises(ValueError, match="data.budgets.known=40"):
+        synth.ensure_synth_dataset(cfg)
+
+
+def test_config_default_strength_matches_the_code():
+    cfg = yaml.safe_load((REPO / "conf" / "data" / "synth.yaml").read_text())
+    assert cfg["name"] == "synth" and cfg["synthetic"] is True
+    assert cfg["generator"]["strength"] == synth.DEFAULT_STRENGTH
+    assert synth.synth_params_from_config(cfg) == synth.SynthParams()
+
+
+@pytest.mark.parametrize("code", ["S1", "S8", "R1", "R9", "E1", "E4", "G2", "G9"])
+def test_a_fake_differs_from_its_source_where_its_family_manipulates(code):
+    cls = by_code()[code]
+    params = synth.SynthParams(image_size=64)
+    inside = outside = 0.0
+    changed = []
+    for i in range(6):
+        r = synth.render_sample(cls, 0, i, params, with_source=True)
+        diff = np.abs(r.image.astype(float) - r.source.astype(float)).mean(2)
+        region = sr.gaussian_blur(r.region, 2.0) > 0.01  # JPEG blocks leak a little beyond it
+        inside += diff[region].sum()
+        outside += diff[~region].sum()
+        changed.append((diff > 3).mean())
+    if cls.family == "G":  # a whole generated image: changed everywhere
+        assert np.mean(changed) > 0.4
+    else:
+        assert inside / (inside + outside) > 0.85
+        assert 0.005 < np.mean(changed) < 0.4
+
+
+def test_family_regions_differ_in_size():
+    params = synth.SynthParams(image_size=64)
+    codes = by_code()
+    area = {
+        fam: np.mean(
+            [
+                synth.render_sample(codes[c], 0, i, params, with_source=True).region.mean()
+                for i in range(4)
+            ]
+        )
+        for fam, c in [("S", "S3"), ("R", "R3"), ("G", "G4")]
+    }
+    assert area["G"] == 1.0 and 0.05 < area["S"] < 0.3 and 0.03 < area["R"] < 0.3
+
+
+def test_at_strength_zero_the_methods_of_a_family_share_one_pipeline():
+    codes = by_code()
+    img = sr.render_face(
+        sr.sample_identity(np.random.default_rng(1)), sr.sample_scene(np.random.default_rng(2)), 32
+    )[0]
+    ref = synth.family_reference("S")
+    outs = {
+        s: [
+            synth.apply_fingerprint(
+                img, synth.method_fingerprint(codes[c]), ref, s, np.random.default_rng(3)
+            )
+            for c in ("S1", "S3")
+        ]
+        for s in (0.0, 1.0)
+    }
+    assert np.array_equal(outs[0.0][0], outs[0.0][1])
+    assert np.abs(outs[1.0][0] - outs[1.0][1]).mean() > 1 / 255
+
+
+def test_fingerprints_are_fixed_per_method_and_follow_the_family():
+    codes = by_code()
+    fps = {c: synth.method_fingerprint(codes[c]) for c in codes if c != "REAL"}
+    assert len(set(fps.values())) == 40  # every method has its own
+    synth.method_fingerprint.cache_clear()
+    assert synth.method_fingerprint(codes["S1"]) == fps["S1"]  # from the class index alone
+    for code in synth.DIFFUSION_CODES:  # no periodic upsampling traces, noise residue instead
+        assert fps[code].upsampler in sr.RESAMPLE_KERNELS and fps[code].upsampler != "nearest"
+        assert fps[code].noise[0] > 3.5 / 255
+    for code in synth.LATENT_DIFFUSION_CODES:  # the VAE's 8-pixel grid
+        assert all(abs(w[0]) in (0.0, 0.125) and abs(w[1]) in (0.0, 0.125) for w in fps[code].waves)
+    with pytest.raises(ValueError, match="REAL"):
+        synth.method_fingerprint(codes["REAL"])
+
+
+def test_bad_parameters_are_refused_with_the_key_name():
+    with pytest.raises(ValueError, match="image_size"):
+        synth.SynthParams(image_size=30)
+    with pytest.raises(ValueError, match="strength"):
+        synth.SynthParams(strength=-1)
+
+
+def test_preview_grid_and_cli(tiny_root, tmp_path, capsys):
+    out = synth.write_preview(tiny_root, tmp_path / "grid.png", per_class=2)
+    w, h = Image.open(out).size
+    assert w > 400 and h > 600
+    assert (
+        synth.cli_synth_preview(
+            ["--root", str(tiny_root), "--out", str(tmp_path / "c.png"), "--per-class", "2"]
+        )
+        == 0
+    )
+    assert (tmp_path / "c.png").is_file() and "synthetic" in capsys.readouterr().out
+    assert manifest(tiny_root)["parameters"] == TINY  # previewing an existing cache keeps it
+
+
+def spectral_features(img: np.ndarray) -> np.ndarray:
+    """Phase-free traces: log-magnitude spectrum of the high-pass residual, plus colour spread."""
+    x = img.astype(np.float64) / 255
+    g = x.mean(2)
+    lap = g - 0.25 * (np.roll(g, 1, 0) + np.roll(g, -1, 0) + np.roll(g, 1, 1) + np.roll(g, -1, 1))
+    spec = np.log1p(10 * np.abs(np.fft.fft2(lap)))
+    n = spec.shape[0]
+    spec = spec.reshape(n // 2, 2, n // 2, 2).mean((1, 3))
+    return np.concatenate([spec.ravel(), x.reshape(-1, 3).std(0)])
+
+
+def test_methods_are_separable_by_a_linear_probe_on_spectral_features():
+    """Fast learnability check: two swap methods, a GAN and a diffusion generator."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    codes, params = by_code(), synth.SynthParams(image_size=32)
+    names = ["S1", "S3", "G2", "G7"]
+    x, y = [], []
+    for label, code in enumerate(names):
+        for i in range(40):
+            x.append(spectral_features(synth.render_sample(codes[code], 0, i, params).image))
+            y.append(label)
+    x, y = np.array(x), np.array(y)
+    order = np.random.default_rng(0).permutation(len(y))
+    train, test = order[:100], order[100:]
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))
+    probe.fit(x[train], y[train])
+    acc = (probe.predict(x[test]) == y[test]).mean()
+    assert acc > 0.7  # chance is 0.25
