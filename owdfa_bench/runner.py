@@ -225,6 +225,11 @@ def device_name(cfg: DictConfig) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     pl.seed_everything(seed, workers=True, verbose=False)
     if deterministic:
@@ -256,6 +261,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     loggers: list = []
     try:
+        set_threads(cfg.trainer.get("threads"))
         seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
         splits = build_splits(cfg)
         max_epochs = int(cfg.trainer.max_epochs or cfg.method.epochs)
