@@ -183,11 +183,14 @@ class GCD(OWDFAMethod):
             return self.problem.num_classes
         if self.problem.k_estimate is not None:
             return int(self.problem.k_estimate)
+        # SS-k-means needs a row for every cluster without labelled rows: cap the search there
+        labels_np = torch.as_tensor(labels).cpu()
+        room = int((labels_np < 0).sum()) + int(torch.unique(labels_np[labels_np >= 0]).numel())
         est = estimate_k_brent(
             features,
             labels,
             self.problem.num_known,
-            self.k_max,
+            max(self.problem.num_known, min(self.k_max, room)),
             n_init=self.kmeans_estimate_n_init,
             max_iter=self.kmeans["max_iter"],
             tol=self.kmeans["tol"],

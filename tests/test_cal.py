@@ -453,8 +453,8 @@ def test_smoke_fit_unknown_k_prunes_the_head(make_cfg):
     from owdfa_bench.runner import run
 
     cfg = make_cfg("method=cal", "k=unknown", *ONE_STEP)
-    # the synthetic preset scales the reference schedule (10 epochs, lr step 2, ACR from 1)
-    assert (cfg.method.epochs, cfg.method.optim.step_size) == (10, 2)
+    # the shared synthetic CPU schedule (conf/preset/synth_cal.yaml): 6 epochs, ACR from epoch 1
+    assert (cfg.method.epochs, cfg.method.model.pseudo_start_epoch) == (6, 1)
     assert cfg.method.model.pseudo_start_epoch == 1
     record = run(cfg)
     assert record["status"] == "complete"
