@@ -91,7 +91,11 @@ class OWDFAMethod(pl.LightningModule):
         raise NotImplementedError
 
     def k_estimated(self) -> int | None:
-        """Total number of classes the method ended with under k=unknown (None when known)."""
+        """Total number of classes the method ended with under k=unknown (None when known).
+
+        A method without its own estimate reports, under k=unknown, the number of distinct
+        classes it predicts on the test split.
+        """
         return None
 
     def record_extras(self) -> dict[str, Any]:
@@ -177,6 +181,8 @@ class OWDFAMethod(pl.LightningModule):
         y_pred = np.asarray(self.predictions_from_outputs(outputs), dtype=np.int64)
         result = evaluate_predictions(y_true, y_pred, self.problem.num_known)
         k_est = self.k_estimated()
+        if k_est is None and self.problem.k_mode == "unknown":
+            k_est = int(result["num_clusters"])  # no own estimate: the clusters it actually uses
         if k_est is not None:
             result["metrics"]["k_estimated"] = k_est
         result["k_estimated"] = k_est

@@ -131,3 +131,8 @@ def test_selection_rules():
     assert select_evaluation(history, "best_on_test", "all_acc")["epoch"] == 1
     with pytest.raises(ValueError, match="selection"):
         select_evaluation(history, "best", "all_acc")
+
+
+def test_every_unknown_k_record_has_k_estimated(make_owdfa40_cfg):
+    record = run(make_owdfa40_cfg("method=upper_bound", "k=unknown"))
+    assert record["k_estimated"] == record["num_clusters"] >= 1

@@ -1,0 +1,42 @@
+"""CAL's views (methods.md 2.4) and its labelled/unlabelled sampler."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from owdfa_bench.data.datasets import weighted_sampler
+from owdfa_bench.data.transforms import CropOrResize, build_view
+
+
+def _image(w=40, h=30):
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def test_views_are_square_normalised_tensors_of_the_configured_size():
+    for name in ("weak", "strong", "test"):
+        x = build_view(name, 32)(_image())
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    # the test view is deterministic and ImageNet-normalised
+    white = Image.new("RGB", (8, 8), (255, 255, 255))
+    x = build_view("test", 8)(white)
+    assert torch.allclose(x[0], torch.full((8, 8), (1 - 0.485) / 0.229))
+    assert torch.equal(build_view("test", 8)(white), x)
+
+
+def test_strong_view_enlarges_to_the_reference_size_first():
+    # 292 = int(256 / 224 * 256); without the crop branch the shorter side goes to 292
+    strong = build_view("strong", 256)
+    crop = next(t for t in strong.transforms if isinstance(t, CropOrResize))
+    assert crop.size == 292 and crop.p == 0.2
+    crop.p = 0.0
+    assert min(crop(_image(400, 300)).size) == 292
+    crop.p = 1.0
+    assert crop(_image(400, 300)).size == (292, 292)
+
+
+def test_weighted_sampler_draws_labelled_rows_half_the_time():
+    sampler = weighted_sampler(num_labelled=100, num_unlabelled=900, seed=0)
+    draws = np.array(list(sampler))
+    assert len(draws) == 1000
+    assert 0.44 < (draws < 100).mean() < 0.56  # 1/2 in expectation (not per batch)
+    assert np.array_equal(draws, np.array(list(weighted_sampler(100, 900, seed=0))))
