@@ -12,6 +12,7 @@ import logging
 import math
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ from owdfa_bench.records import (
 )
 
 log = logging.getLogger(__name__)
+# Lightning's start-up banners (accelerator listing, product tips) say nothing about the run.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch pytree notice via Lightning
 SELECTIONS = ("last", "best_on_test")
 
 
