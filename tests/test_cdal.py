@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cpl import assert_gradients_everywhere, make_batch  # shared CPL-family helpers
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from methods.cdal import (
@@ -25,7 +26,7 @@ from methods.cdal import (
     sample_attention_channel,
     smoothed_features,
 )
-from owdfa_bench.method import Problem, TrainBatch
+from owdfa_bench.method import Problem
 
 TINY_BACKBONE = {"name": "resnet18", "pretrained": False}
 
@@ -33,34 +34,6 @@ TINY_BACKBONE = {"name": "resnet18", "pretrained": False}
 def np_log_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def make_batch(b: int = 8, size: int = 32, seed: int = 0) -> TrainBatch:
-    """Alternating labelled / unlabelled rows of random images (as the CPL sampler yields)."""
-    gen = torch.Generator().manual_seed(seed)
-    labelled = torch.tensor([True, False] * (b // 2))
-    y = torch.where(labelled, torch.tensor([0, 1, 2, 0] * (b // 4)), -1)
-    return TrainBatch(
-        views=[torch.randn(b, 3, size, size, generator=gen)],
-        y=y,
-        labelled=labelled,
-        index=torch.arange(b),
-    )
-
-
-def assert_gradients_everywhere(model: torch.nn.Module, *nonzero_prefixes: str) -> None:
-    """Every trainable parameter got a finite gradient; those under the prefixes a non-zero one.
-
-    (timm's ResNet zero-initialises each block's last BN, so at initialisation the convolutions
-    inside a residual branch get an exactly zero gradient: reached, but zero.)
-    """
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert [n for n, p in trainable if p.grad is None] == []
-    assert all(torch.isfinite(p.grad).all() for _, p in trainable)
-    dead = [
-        n for n, p in trainable if n.startswith(nonzero_prefixes) and not p.grad.abs().sum() > 0
-    ]
-    assert dead == []
 
 
 # ----------------------------------------------------------------------------- modules
