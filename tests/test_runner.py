@@ -67,9 +67,9 @@ def test_lower_bound_writes_a_complete_record(make_owdfa40_cfg):
     assert record["metrics"] == on_disk["metrics"]
 
 
-def test_same_config_and_seed_give_identical_metrics(make_owdfa40_cfg):
-    a = run(make_owdfa40_cfg("method=upper_bound", "output_root=/tmp/owdfa-test-a", "force=true"))
-    b = run(make_owdfa40_cfg("method=upper_bound", "output_root=/tmp/owdfa-test-b", "force=true"))
+def test_same_config_and_seed_give_identical_metrics(make_owdfa40_cfg, tmp_path):
+    a = run(make_owdfa40_cfg("method=upper_bound", f"output_root={tmp_path / 'a'}", "force=true"))
+    b = run(make_owdfa40_cfg("method=upper_bound", f"output_root={tmp_path / 'b'}", "force=true"))
     assert a["metrics"] == b["metrics"]
     assert a["config_hash"] == b["config_hash"]  # the output folder is not part of the hash
 
