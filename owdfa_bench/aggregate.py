@@ -32,6 +32,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from owdfa_bench.metrics import OWDFA_KEYS
 from owdfa_bench.records import HASH_EXCLUDED_KEYS, HASH_EXCLUDED_TRAINER_KEYS
 
 log = logging.getLogger(__name__)
@@ -86,15 +87,7 @@ INTEGER_FIELDS = [
 ]
 # Preferred column order of metrics; any other numeric metric follows, sorted by name.
 METRIC_ORDER = [
-    "all_acc",
-    "known_acc",
-    "novel_acc",
-    "all_nmi",
-    "all_ari",
-    "known_nmi",
-    "known_ari",
-    "novel_nmi",
-    "novel_ari",
+    *OWDFA_KEYS,
     "gcd_v2_all_acc",
     "gcd_v2_old_acc",
     "gcd_v2_new_acc",

@@ -7,6 +7,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from methods.lower_bound import LowerBound
+from owdfa_bench.metrics import OWDFA_KEYS
 from owdfa_bench.runner import run, select_evaluation
 
 REQUIRED = [
@@ -34,19 +35,7 @@ REQUIRED = [
     "classes",
     "history",
 ]
-METRICS = [
-    "all_acc",
-    "known_acc",
-    "novel_acc",
-    "all_nmi",
-    "all_ari",
-    "known_nmi",
-    "known_ari",
-    "novel_nmi",
-    "novel_ari",
-    "gcd_v2_all_acc",
-    "gcd_v1_all_acc",
-]
+METRICS = [*OWDFA_KEYS, "gcd_v2_all_acc", "gcd_v1_all_acc"]
 
 
 def test_lower_bound_writes_a_complete_record(make_owdfa40_cfg):
