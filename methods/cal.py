@@ -416,6 +416,10 @@ class CAL(OWDFAMethod):
     def k_estimated(self) -> int | None:
         return self.head.active if self.prune else None
 
+    def confidence_thresholds(self) -> tuple[float, float]:
+        """ACR's thresholds: gamma for known-id predictions, the adaptive theta_novel else."""
+        return (self.gamma, float(self.novel_threshold))
+
     # ------------------------------------------------------------------ training
     def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         weak, strong = batch.views

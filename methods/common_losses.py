@@ -116,3 +116,77 @@ def pairwise_bce(similarity: torch.Tensor, same: torch.Tensor, eps: float = 0.0)
     """
     target_prob = torch.where(same, similarity, 1.0 - similarity)
     return -torch.log(target_prob + eps).clamp_min(-100.0).mean()
+
+
+# ----------------------------------------------------------------------------- OwMatch, LPS
+def open_world_head_rows(problem, unknown_k_factor: float = 2.0) -> int:
+    """Head size of the open-world SSL ports (ORCA family: OwMatch, LPS).
+
+    k=known: the true total K, as their references assume. k=unknown: the user's `k.estimate`
+    when given, else `unknown_k_factor` x K_known (a rule of the harness; neither reference has
+    an estimator). It never reads the true total under k=unknown.
+    """
+    if problem.k_mode == "known":
+        return int(problem.num_classes)
+    if problem.k_estimate is not None:
+        return int(problem.k_estimate)
+    return max(problem.num_known + 1, int(round(float(unknown_k_factor) * problem.num_known)))
+
+
+# ----------------------------------------------------------------------------- SimGCD family
+# SimGCD's terms (github.com/CVMI-Lab/SimGCD @ f843f27, `model.py`: `DistillLoss`,
+# `get_params_groups`; `train.py`: me-max) for the ports built on SimGCD (LegoGCD, ProtoGCD,
+# PAL-GCD). They compute exactly what the functions of the same names in methods/simgcd.py
+# compute; they live here so that a method never imports another method's module.
+def simgcd_head_rows(problem, unknown_k_factor: float = 2.0) -> int:
+    """Prototype count of the SimGCD family: true K (k=known); under k=unknown the user's
+    `k.estimate`, else `unknown_k_factor` x the true total (SimGCD's appendix over-estimate,
+    which uses the truth as an upper bound)."""
+    if problem.k_mode == "known":
+        return int(problem.num_classes)
+    if problem.k_estimate is not None:
+        return int(problem.k_estimate)
+    return max(problem.num_known + 1, int(round(unknown_k_factor * problem.num_classes)))
+
+
+def teacher_temperature(epoch: int, warmup_epochs: int, start: float = 0.07, end: float = 0.04):
+    """SimGCD's teacher schedule: `np.linspace(start, end, warmup_epochs)[epoch]`, then `end`."""
+    if warmup_epochs <= 0 or epoch >= warmup_epochs:
+        return float(end)
+    if warmup_epochs == 1:
+        return float(start)
+    return float(start + (end - start) * epoch / (warmup_epochs - 1))
+
+
+def self_distillation_loss(
+    logits_v1: torch.Tensor,
+    logits_v2: torch.Tensor,
+    teacher_temp: float,
+    student_temp: float = 0.1,
+) -> torch.Tensor:
+    """SimGCD's `DistillLoss` for two views: mean of the two cross-view terms -sum q log p, with
+    the student log_softmax(l / student_temp) and the detached teacher softmax(l' / teacher_temp)
+    of the other view."""
+    terms = []
+    for student, teacher in ((logits_v1, logits_v2), (logits_v2, logits_v1)):
+        q = F.softmax(teacher.detach() / teacher_temp, dim=1)
+        terms.append(-(q * F.log_softmax(student / student_temp, dim=1)).sum(1).mean())
+    return (terms[0] + terms[1]) / 2
+
+
+def mean_entropy_gap(probs: torch.Tensor) -> torch.Tensor:
+    """SimGCD's me-max term: log C - H(mean of the rows); >= 0, zero for a uniform mean."""
+    import math
+
+    return math.log(probs.shape[1]) - entropy_of_mean(probs)
+
+
+def decay_groups(module: nn.Module) -> list[dict]:
+    """SimGCD's `get_params_groups`: no weight decay on biases and 1-d (norm) parameters;
+    frozen parameters are left out."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]

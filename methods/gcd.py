@@ -270,6 +270,21 @@ class GCD(OWDFAMethod):
         log.info("GCD full clustering (epoch %d): %s", self.current_epoch, self.last_clustering)
         return preds
 
+    def unlabelled_predictions(self, outputs: torch.Tensor) -> np.ndarray:
+        """Diagnostics: the unlabelled rows' nearest centre of the clustering just computed for
+        the test split (which clustered these rows too), not a second clustering."""
+        return assign_to_centres(outputs, self.centres)
+
+    def confidences_from_outputs(self, outputs: torch.Tensor) -> np.ndarray:
+        """A cluster confidence for the diagnostics: the max of softmax(cos(f, centre) / tau)
+        with the SupCon temperature tau (GCD has no classifier; ours, for Observation 1)."""
+        if self.centres is None:
+            return np.full(len(outputs), np.nan)
+        sims = (
+            F.normalize(outputs.float(), dim=1) @ F.normalize(self.centres.cpu().float(), dim=1).t()
+        )
+        return (sims / self.supcon_temp).softmax(dim=1).max(dim=1).values.numpy()
+
     def evaluate_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
         record = super().evaluate_outputs(outputs, targets)
         record["gcd"] = {**self.last_clustering, "k": self.k_used}

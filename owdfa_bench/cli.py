@@ -8,9 +8,9 @@ import sys
 # command -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS = {
     "aggregate": (
-        "owdfa_bench.aggregate",
+        "owdfa_bench.report.main",
         "cli_aggregate",
-        "seed-aggregated tables and plots of a sweep folder",
+        "seed-aggregated tables, diagnostics and plots of a sweep folder",
     ),
     "synth-preview": (
         "owdfa_bench.data.synth",

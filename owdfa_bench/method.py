@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from owdfa_bench.diagnostics import confidence_skew, pseudo_label_noise
 from owdfa_bench.metrics import evaluate_predictions
 
 LABELLED_TAG = 1  # the reference's tags: 1 labelled, 2 unlabelled
@@ -35,6 +36,7 @@ class Problem:
     k_mode: str = "known"  # "known": head size may use num_classes; "unknown": it may not
     k_estimate: int | None = None  # a total-K estimate given by the user under k=unknown
     max_epochs: int = 1
+    real_label: int | None = None  # label of the REAL class (for `real_acc`), None if absent
 
     def __post_init__(self) -> None:
         if self.k_mode not in ("known", "unknown"):
@@ -78,8 +80,9 @@ class OWDFAMethod(pl.LightningModule):
         self.optim = dict(optim or {})
         self.eval_history: list[dict[str, Any]] = []  # one evaluation record per epoch
         self.channels_last = False  # set by the runner from trainer.channels_last
-        self._eval_logits: list[torch.Tensor] = []
-        self._eval_targets: list[torch.Tensor] = []
+        # per validation loader (0: test split, 1: unlabelled training rows for diagnostics)
+        self._eval_outputs: dict[int, list[torch.Tensor]] = {}
+        self._eval_targets: dict[int, list[torch.Tensor]] = {}
 
     # ----------------------------------------------------------------- to implement
     def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
@@ -98,6 +101,15 @@ class OWDFAMethod(pl.LightningModule):
         """
         return None
 
+    def confidence_thresholds(self) -> tuple[float, float]:
+        """(known, novel) confidence above which the method trusts its own prediction of an
+        unlabelled row: its pseudo-label threshold, for the `pseudo_noise_confident` diagnostic.
+
+        A row whose argmax is a known id (< K_k) is compared with the first, otherwise the
+        second. Methods without a threshold keep the default 0.95 for both.
+        """
+        return (0.95, 0.95)
+
     def record_extras(self) -> dict[str, Any]:
         """Method-specific entries for results.json (e.g. CAL's active prototypes per epoch)."""
         return {}
@@ -108,6 +120,18 @@ class OWDFAMethod(pl.LightningModule):
         The default is the argmax; a clustering method (GCD) overrides it.
         """
         return outputs.argmax(dim=1).numpy()
+
+    def unlabelled_predictions(self, outputs: torch.Tensor) -> np.ndarray:
+        """Class ids of the unlabelled training rows (diagnostics), after the test evaluation.
+
+        The default is `predictions_from_outputs`; a clustering method assigns the rows to the
+        clusters it has just computed instead of clustering again.
+        """
+        return self.predictions_from_outputs(outputs)
+
+    def confidences_from_outputs(self, outputs: torch.Tensor) -> np.ndarray:
+        """Confidence of each prediction: the max softmax probability of the class scores."""
+        return outputs.float().softmax(dim=1).max(dim=1).values.numpy()
 
     # ----------------------------------------------------------------- shared training
     def make_train_batch(self, batch: dict[str, Any]) -> TrainBatch:
@@ -142,20 +166,24 @@ class OWDFAMethod(pl.LightningModule):
 
     # ----------------------------------------------------------------- shared evaluation
     def on_validation_epoch_start(self) -> None:
-        self._eval_logits.clear()
+        self._eval_outputs.clear()
         self._eval_targets.clear()
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0):
         x = batch["image"]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         outputs = self.predict_logits(x)
-        self._eval_logits.append(outputs.detach().float())
-        self._eval_targets.append(torch.stack([batch["y"], batch["index"]], 1).detach())
+        self._eval_outputs.setdefault(dataloader_idx, []).append(outputs.detach().float())
+        self._eval_targets.setdefault(dataloader_idx, []).append(
+            torch.stack([batch["y"], batch["index"]], 1).detach()
+        )
 
-    def gather_eval(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Test outputs and labels of this epoch, gathered over DDP ranks, one row per image."""
-        outputs, targets = torch.cat(self._eval_logits), torch.cat(self._eval_targets)
+    def gather_eval(self, loader: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs and labels of one validation loader this epoch (0: the test split), gathered
+        over DDP ranks, one row per image."""
+        outputs = torch.cat(self._eval_outputs[loader])
+        targets = torch.cat(self._eval_targets[loader])
         if self.trainer.world_size > 1:  # the distributed sampler pads with repeated rows
             outputs = self.all_gather(outputs).flatten(0, 1)
             targets = self.all_gather(targets).flatten(0, 1)
@@ -167,26 +195,55 @@ class OWDFAMethod(pl.LightningModule):
         return outputs.cpu(), targets[:, 0].cpu()
 
     def on_validation_epoch_end(self) -> None:
-        if not self._eval_logits or self.trainer.sanity_checking:
+        if not self._eval_outputs or self.trainer.sanity_checking:
             return
-        record = self.evaluate_outputs(*self.gather_eval())
+        outputs, targets = self.gather_eval(0)
+        record = self.evaluate_outputs(outputs, targets)
+        if 1 in self._eval_outputs:
+            record["metrics"].update(self.unlabelled_diagnostics(*self.gather_eval(1)))
         record["epoch"] = int(self.current_epoch)
         self.eval_history.append(record)
-        scalars = {f"test/{k}": float(v) for k, v in record["metrics"].items()}
-        self.log_dict(scalars, on_epoch=True)
+        scalars = {
+            f"{'unlabelled' if k.startswith(('pseudo_', 'transductive_')) else 'test'}/{k}": v
+            for k, v in record["metrics"].items()
+            if v is not None
+        }
+        self.log_dict({k: float(v) for k, v in scalars.items()}, on_epoch=True)
 
     def evaluate_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
-        """Metrics of one evaluation of the test split (predictions, metrics, K)."""
+        """Metrics of one evaluation of the test split (predictions, metrics, confidence, K)."""
         y_true = targets.numpy().astype(np.int64)
         y_pred = np.asarray(self.predictions_from_outputs(outputs), dtype=np.int64)
         result = evaluate_predictions(y_true, y_pred, self.problem.num_known)
+        metrics = result["metrics"]
+        metrics["num_clusters"] = int(result["num_clusters"])
+        real = self.problem.real_label
+        if real is not None and bool((y_true == real).any()):
+            metrics["real_acc"] = float((y_pred[y_true == real] == real).mean())
+        confidence = self.confidences_from_outputs(outputs)
+        metrics.update(confidence_skew(confidence, y_true, self.problem.num_known))
         k_est = self.k_estimated()
         if k_est is None and self.problem.k_mode == "unknown":
             k_est = int(result["num_clusters"])  # no own estimate: the clusters it actually uses
         if k_est is not None:
-            result["metrics"]["k_estimated"] = k_est
+            metrics["k_estimated"] = k_est
         result["k_estimated"] = k_est
         return result
+
+    def unlabelled_diagnostics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict:
+        """Pseudo-label noise and transductive accuracy on the unlabelled training rows.
+
+        `targets` are their hidden labels: they come from the datamodule's diagnostics loader
+        and are used here only, after the method's predictions are fixed.
+        """
+        y_pred = np.asarray(self.unlabelled_predictions(outputs), dtype=np.int64)
+        return pseudo_label_noise(
+            targets.numpy().astype(np.int64),
+            y_pred,
+            self.confidences_from_outputs(outputs),
+            self.confidence_thresholds(),
+            self.problem.num_known,
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["owdfa_eval_history"] = self.eval_history

@@ -6,18 +6,40 @@ here once so that a method file holds only what is specific to it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def build_backbone(name: str = "resnet18", pretrained: bool = False, **kwargs) -> nn.Module:
+def build_backbone(
+    name: str = "resnet18", pretrained: bool = False, weights: str | None = None, **kwargs
+) -> nn.Module:
     """A timm model without its classifier and global pooling: `forward` returns the feature map.
 
-    `model.num_features` is the channel count of that map. `pretrained=True` downloads weights
-    through timm/huggingface_hub (real runs only; tests always pass False).
+    `model.num_features` is the channel count of that map. `weights` is a local timm state dict
+    (.safetensors or .pth; the synthetic benchmark's pretrained start is one), loaded by timm
+    with its classifier dropped. Otherwise `pretrained=True` downloads timm's weights through
+    huggingface_hub (real runs only; tests always pass False).
     """
+    if weights:
+        path = Path(str(weights)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"data.backbone.weights={weights}: no such file; give a local timm state dict "
+                "(.safetensors or .pth) or set data.backbone.weights=null"
+            )
+        return timm.create_model(
+            name,
+            pretrained=True,
+            pretrained_cfg_overlay={"file": str(path)},
+            num_classes=0,
+            global_pool="",
+            **kwargs,
+        )
     return timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="", **kwargs)
 
 
@@ -39,6 +61,34 @@ def custom_avg_pool2d(x: torch.Tensor, out_size: int | tuple[int, int]) -> torch
     kh, sh = custom_pool_geometry(x.shape[-2], oh)
     kw, sw = custom_pool_geometry(x.shape[-1], ow)
     return F.avg_pool2d(x, kernel_size=(kh, kw), stride=(sh, sw))
+
+
+def train_only(module: nn.Module, trainable: str | Sequence[str] = "all") -> list[str]:
+    """Freeze every parameter of `module` except those under the given name prefixes.
+
+    `trainable="all"` leaves everything as it is. A method's "original" recipe uses this for the
+    trainable layers of its reference (e.g. `["encoder.backbone.layer4", "head"]`, the ResNet
+    analogue of "last ViT block only"). Returns the names left trainable; a prefix that matches
+    no parameter is an error naming it.
+    """
+    if trainable == "all":
+        return [n for n, p in module.named_parameters() if p.requires_grad]
+    prefixes = [trainable] if isinstance(trainable, str) else list(trainable)
+    names = [n for n, _ in module.named_parameters()]
+    unmatched = [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names)]
+    if unmatched:
+        raise ValueError(
+            f"method.model.trainable: {unmatched} match no parameter; parameter names start with "
+            f"{sorted({n.split('.')[0] for n in names})}"
+        )
+    kept = []
+    for name, param in module.named_parameters():
+        keep = any(name == p or name.startswith(p + ".") for p in prefixes)
+        if not keep:
+            param.requires_grad_(False)
+        elif param.requires_grad:
+            kept.append(name)
+    return kept
 
 
 class BNNeck(nn.BatchNorm1d):

@@ -20,6 +20,8 @@ RESULTS_FILE = "results.json"
 # Keys that say where and how a run is recorded or shown, not what it computes.
 HASH_EXCLUDED_KEYS = ("force", "logger", "output_root", "sweep_name", "run_dir", "hydra")
 HASH_EXCLUDED_TRAINER_KEYS = ("progress_bar", "num_workers", "pin_memory")
+# Nested keys that only say how a run is shown: a method's printed name and table position.
+HASH_EXCLUDED_PATHS = (("method", "display"),)
 VERSIONED_PACKAGES = (
     "torch",
     "torchvision",
@@ -40,6 +42,12 @@ def config_hash(cfg: DictConfig) -> str:
         data.pop(key, None)
     for key in HASH_EXCLUDED_TRAINER_KEYS:
         data.get("trainer", {}).pop(key, None)
+    for *parents, key in HASH_EXCLUDED_PATHS:
+        node = data
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

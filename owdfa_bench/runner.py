@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from owdfa_bench.data.datamodule import DataSplits, OWDFADataModule, build_splits
 from owdfa_bench.method import OWDFAMethod, Problem
+from owdfa_bench.pretrain import resolve_pretrained_start
 from owdfa_bench.records import (
     RESULTS_FILE,
     SCHEMA_VERSION,
@@ -71,24 +72,54 @@ class Timing(pl.Callback):
         return rate(self.train_images, self.train_s), rate(self.eval_images, self.eval_s)
 
 
+def apply_recipe(cfg: DictConfig) -> DictConfig:
+    """Merge the chosen `method.recipes.<method.recipe>` block over the method's config.
+
+    A method offers its reference's own recipe (optimiser, schedule, epochs, trainable layers)
+    as a partial method config under `recipes`; the default recipe `fair` is the method's
+    top-level values (the shared harness recipe). Methods without `recipes` are unchanged.
+    """
+    recipe = cfg.method.get("recipe")
+    recipes = cfg.method.get("recipes")
+    if recipe is None or recipe == "fair":
+        return cfg
+    if not recipes or recipe not in recipes:
+        offered = ["fair", *(recipes or {})]
+        raise ValueError(
+            f"method.recipe={recipe!r}: {cfg.method.name} offers {offered}; e.g. "
+            f"method.recipe={offered[-1]}"
+        )
+    merged = cfg.copy()
+    OmegaConf.set_struct(merged, False)  # a recipe may add keys (e.g. an SGD momentum)
+    merged.method = OmegaConf.merge(cfg.method, recipes[recipe])
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(str(cfg.run_dir))
 
 
 def make_problem(cfg: DictConfig, splits: DataSplits, max_epochs: int) -> Problem:
     estimate = cfg.k.get("estimate")
+    real = [c["label"] for c in splits.classes if c.get("code") == "REAL"]
     return Problem(
         num_known=splits.num_known,
         num_classes=splits.num_classes,
         k_mode=str(cfg.k.name),
         k_estimate=None if estimate is None else int(estimate),
         max_epochs=max_epochs,
+        real_label=real[0] if real else None,
     )
 
 
-def build_method(cfg: DictConfig, problem: Problem) -> OWDFAMethod:
+def build_method(
+    cfg: DictConfig, problem: Problem, start: dict[str, Any] | None = None
+) -> OWDFAMethod:
     optim = OmegaConf.to_container(cfg.method.optim, resolve=True)
     backbone = OmegaConf.to_container(cfg.data.backbone, resolve=True)
+    if start is not None:  # the synthetic benchmark's pretrained start
+        backbone["weights"] = start["weights"]
     # partial first: Hydra would turn the Problem dataclass into a config node
     factory = instantiate(cfg.method.model, _partial_=True, _convert_="all")
     method = factory(problem=problem, optim=optim, backbone=backbone)
@@ -108,6 +139,7 @@ def build_datamodule(cfg: DictConfig, splits: DataSplits, method: OWDFAMethod) -
         seed=int(cfg.seed),
         num_workers=int(cfg.trainer.num_workers),
         pin_memory=bool(cfg.trainer.pin_memory),
+        reveal_unlabelled=bool(method.uses_unlabelled_labels),
     )
 
 
@@ -244,6 +276,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate one cell; returns the results record (also written to disk)."""
     if cfg.selection not in SELECTIONS:
         raise ValueError(f"selection={cfg.selection!r}: use one of {SELECTIONS}")
+    cfg = apply_recipe(cfg)
     run_dir = run_dir_of(cfg)
     cfg_hash = config_hash(cfg)
     previous = read_record(run_dir)
@@ -270,7 +303,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         splits = build_splits(cfg)
         max_epochs = int(cfg.trainer.max_epochs or cfg.method.epochs)
         problem = make_problem(cfg, splits, max_epochs)
-        method = build_method(cfg, problem)
+        start = resolve_pretrained_start(cfg.data)
+        if start is not None:
+            record["pretrained_start"] = {
+                k: start[k] for k in ("key", "weights_sha256", "scores", "settings")
+            }
+        method = build_method(cfg, problem, start)
         method.channels_last = bool(cfg.trainer.get("channels_last", False))
         datamodule = build_datamodule(cfg, splits, method)
         loggers = build_loggers(cfg, run_dir)

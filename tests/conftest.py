@@ -24,6 +24,7 @@ CONF = REPO / "conf"
 # A tiny synthetic set: 32 px, a handful of images per class (generated once per session).
 TINY_SYNTH = [
     "data.image_size=32",
+    "data.pretrain=null",  # from scratch: the pretrained start has its own tests
     "data.generator.real_per_folder=6",
     "data.generator.fakes_per_class=5",
     "data.budgets.real=8",

@@ -416,7 +416,8 @@ def test_reference_checkpoint_loads_into_our_model_with_identical_logits(tmp_pat
     with torch.no_grad():
         assert not torch.allclose(target(x)[:, :7], source(x))
         report = load_cal_reference_state_dict(target, loaded, num_active=7)
-        assert torch.equal(target(x), source(x))
+        # separate forward passes: equal up to float rounding, not bit for bit
+        torch.testing.assert_close(target(x), source(x), rtol=1e-5, atol=1e-6)
     assert report["num_active"] == 7 and report["num_prototypes"] == 20
     assert sorted(report["ignored_keys"]) == [
         "encoder.encoder.fc.bias",
@@ -427,7 +428,7 @@ def test_reference_checkpoint_loads_into_our_model_with_identical_logits(tmp_pat
     report = load_cal_reference_state_dict(all_rows, loaded)  # the reference's eval: every row
     assert report["num_active"] == 20
     with torch.no_grad():
-        assert torch.equal(all_rows(x)[:, :7], source(x))
+        torch.testing.assert_close(all_rows(x)[:, :7], source(x), rtol=1e-5, atol=1e-6)
 
 
 def test_reference_checkpoint_errors_name_the_keys():

@@ -224,7 +224,8 @@ def test_cdal_eval_logits_skip_the_attention_branch():
         for p in model.attention.parameters():
             p.add_(1.0)
         after = model.predict_logits(x)
-    assert before.shape == (2, 5) and torch.equal(before, after)
+    assert before.shape == (2, 5)
+    torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-6)  # two forward passes
 
 
 def test_cdal_rejects_an_unknown_match_variant():

@@ -96,11 +96,21 @@ def test_demo_sweep_runs_tiny_and_aggregates(synth_root, tmp_path):
     """`make demo`'s sweep, shrunk: CAL and CPL x 3 seeds, then the end-of-sweep table."""
     from conftest import TINY_SYNTH
 
-    cmd = [sys.executable, "run.py", "+sweep=demo", "trainer=smoke", "logger=none",
-           f"data.root={synth_root}", f"output_root={tmp_path}", *TINY_SYNTH]
+    cmd = [
+        sys.executable,
+        "run.py",
+        "+sweep=demo",
+        "trainer=smoke",
+        "logger=none",
+        f"data.root={synth_root}",
+        f"output_root={tmp_path}",
+        *TINY_SYNTH,
+    ]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     records = list((tmp_path / "demo").glob("*/p1/k-known/seed-*/results.json"))
     assert len(records) == 6
     table = (tmp_path / "demo" / "tables" / "acc.md").read_text()
     assert "CAL" in table and "CPL" in table and "ynthetic" in table
+    assert out.stdout.count(table.splitlines()[0]) == 1  # the callback prints the table once
+    assert (tmp_path / "demo" / "tables" / "diagnostics.md").is_file()

@@ -22,6 +22,7 @@ from owdfa_bench.data.transforms import build_view
 from owdfa_bench.protocols import Protocol, load_protocol
 
 log = logging.getLogger(__name__)
+HIDDEN_LABEL = -1  # the label every method sees for an unlabelled row
 
 
 @dataclass
@@ -176,9 +177,14 @@ class OWDFADataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         eval_batch_size: int | None = None,
+        reveal_unlabelled: bool = False,
+        diagnostics: bool = True,
     ):
         super().__init__()
         self.splits, self.image_size = splits, image_size
+        # Labels of unlabelled training rows reach only the oracle (reveal_unlabelled) and the
+        # base class's diagnostics loader; everything a method can read carries -1 for them.
+        self.reveal_unlabelled, self.diagnostics = reveal_unlabelled, diagnostics
         self.train_views, self.sampler_name, self.train_on = train_views, sampler, train_on
         self.batch_size, self.seed = batch_size, seed
         self.eval_batch_size = eval_batch_size or batch_size
@@ -195,8 +201,14 @@ class OWDFADataModule(pl.LightningDataModule):
             **kwargs,
         )
 
+    def hidden_unlabelled(self) -> list[tuple[str, int]]:
+        """The unlabelled rows as a method may see them: label -1 unless it is the oracle."""
+        if self.reveal_unlabelled:
+            return list(self.splits.unlabelled)
+        return [(path, HIDDEN_LABEL) for path, _ in self.splits.unlabelled]
+
     def train_dataset(self) -> TrainRows:
-        unlabelled = [] if self.train_on == "labelled" else self.splits.unlabelled
+        unlabelled = [] if self.train_on == "labelled" else self.hidden_unlabelled()
         views = [build_view(v, self.image_size) for v in self.train_views]
         return TrainRows(self.splits.labelled, unlabelled, views)
 
@@ -237,15 +249,26 @@ class OWDFADataModule(pl.LightningDataModule):
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def eval_loader(self, split: str = "test") -> DataLoader:
-        """Deterministic loader (test transform) over the labelled, unlabelled or test rows."""
+        """Deterministic loader (test transform) over the labelled, unlabelled or test rows.
+
+        Unlabelled rows carry label -1 (hidden), as in training.
+        """
         if split not in ("labelled", "unlabelled", "test"):
             raise KeyError(f"split must be labelled, unlabelled or test, got {split!r}")
-        rows = getattr(self.splits, split)
+        rows = self.hidden_unlabelled() if split == "unlabelled" else getattr(self.splits, split)
+        return self._rows_loader(rows)
+
+    def _rows_loader(self, rows) -> DataLoader:
         return self._loader(
             EvalRows(rows, build_view("test", self.image_size)),
             batch_size=self.eval_batch_size,
             shuffle=False,
         )
 
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_loader("test")
+    def val_dataloader(self) -> list[DataLoader]:
+        """The test split, then (diagnostics) the unlabelled training rows with their hidden
+        labels, which only the base class's diagnostics read (never a method)."""
+        loaders = [self.eval_loader("test")]
+        if self.diagnostics and self.splits.unlabelled:
+            loaders.append(self._rows_loader(self.splits.unlabelled))
+        return loaders

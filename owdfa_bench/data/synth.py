@@ -94,6 +94,16 @@ class SynthClass:
     family: str  # REAL, S, R, E, G
     name: str
     folders: tuple[str, ...]
+    # G only: "gan", "diffusion" or "latent_diffusion"; None derives it from the OWDFA-40 code
+    generator: str | None = None
+
+    @property
+    def generator_kind(self) -> str:
+        if self.generator is not None:
+            return self.generator
+        if self.code in LATENT_DIFFUSION_CODES:
+            return "latent_diffusion"
+        return "diffusion" if self.code in DIFFUSION_CODES else "gan"
 
 
 def load_registry() -> list[SynthClass]:
@@ -182,7 +192,7 @@ def method_fingerprint(cls: SynthClass) -> Fingerprint:
     if cls.family == "REAL":
         raise ValueError("the REAL class has no forgery fingerprint")
     rng = np.random.default_rng([_FINGERPRINT_SALT, cls.index])
-    diffusion = cls.code in DIFFUSION_CODES
+    diffusion = cls.generator_kind != "gan"
     if diffusion:
         upsampler, factor = str(rng.choice(_SMOOTH_UPSAMPLERS)), 2
     else:
@@ -193,7 +203,7 @@ def method_fingerprint(cls: SynthClass) -> Fingerprint:
         g = rng.uniform(0.015, 0.04) * rng.choice([-1.0, 1.0])
         phase_gain = tuple(float(v) for v in [g] + [-g / (factor - 1)] * (factor - 1))
     waves = []
-    if cls.code in LATENT_DIFFUSION_CODES:  # the VAE decoder's 8-pixel grid
+    if cls.generator_kind == "latent_diffusion":  # the VAE decoder's 8-pixel grid
         for fy, fx in [(1 / 8, 0.0), (0.0, 1 / 8), (1 / 8, 1 / 8)][: int(rng.integers(1, 4))]:
             waves.append(
                 (

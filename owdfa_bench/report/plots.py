@@ -1,12 +1,16 @@
-"""Figures of a sweep, as PNG and PDF: accuracy bars per protocol and per-run confusion matrices.
+"""Figures of a sweep, as PNG and PDF: accuracy bars per protocol, per-run confusion matrices,
+and the per-epoch mechanism diagnostics of every method.
 
 Figures are drawn on `matplotlib.figure.Figure` objects with the Agg canvas, never through
-pyplot, so nothing depends on (or changes) the user's interactive backend.
+pyplot, so nothing depends on (or changes) the user's interactive backend. The figures read
+only `results.json` files: methods write no figure (CAL's K curve, `record["k_curve"]`, is
+drawn here).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,22 +20,25 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from owdfa_bench.aggregate import (
-    ACC_COLUMNS,
+from owdfa_bench.report.collect import load_records
+from owdfa_bench.report.naming import (
     CELL,
     MIN_SEEDS,
-    exclusion_reasons,
-    load_records,
+    SYNTHETIC_NOTE,
+    display_for,
     natural_key,
     protocol_headers,
     row_label,
     row_rank,
-    summarise,
 )
+from owdfa_bench.report.render import ACC_COLUMNS
+from owdfa_bench.report.summarise import CURVES, epoch_curves, summarise
+from owdfa_bench.report.validate import included
 
-SYNTHETIC_NOTE = "synthetic data, not real deepfakes"
 NOVEL_TICK_COLOUR = "tab:red"
+log = logging.getLogger(__name__)
 
 
 def save_figure(fig: Figure, stem: Path) -> list[Path]:
@@ -44,12 +51,17 @@ def save_figure(fig: Figure, stem: Path) -> list[Path]:
     return paths
 
 
+def _pairs(frame: pd.DataFrame) -> list[tuple[Any, Any, str]]:
+    """(method, k, display name) of each table row, in table order."""
+    first = frame.groupby(["method", "k"], sort=False)[["display_order", "display_name"]].first()
+    keys = sorted(first.index, key=lambda p: row_rank(p[0], p[1], first.loc[p, "display_order"]))
+    return [(m, k, str(first.loc[(m, k), "display_name"])) for m, k in keys]
+
+
 def plot_accuracy_bars(summary: pd.DataFrame) -> Figure:
     """One panel per protocol; per method, bars for All / Known / Novel ACC with std error bars."""
     protocols = sorted(summary["protocol"].astype(str).unique(), key=natural_key)
-    pairs = sorted(
-        {(m, k) for m, k in zip(summary["method"], summary["k"])}, key=lambda p: row_rank(*p)
-    )
+    pairs = _pairs(summary)
     indexed = summary.set_index(["method", "k", "protocol"])
     fig = Figure(figsize=(max(4.0, 1.2 * len(pairs)) * len(protocols), 3.6), layout="constrained")
     axes = fig.subplots(1, len(protocols), sharey=True, squeeze=False)[0]
@@ -57,23 +69,23 @@ def plot_accuracy_bars(summary: pd.DataFrame) -> Figure:
     x = np.arange(len(pairs))
     for ax, protocol, title in zip(axes, protocols, protocol_headers(protocols)):
         labels = []
-        for method, k in pairs:
+        for method, k, name in pairs:
             key = (method, k, protocol)
             n = int(indexed.loc[key, "n"]) if key in indexed.index else 0
             few = f"\n(n={n})" if 0 < n < MIN_SEEDS else ""
-            labels.append(row_label(method, k).replace(" (K unknown)", "\n(K unknown)") + few)
+            labels.append(row_label(name, k).replace(" (K unknown)", "\n(K unknown)") + few)
             if n == 0:
                 ax.text(len(labels) - 1, 2, "no run", ha="center", fontsize=8, color="grey")
-        for j, (metric, name) in enumerate(ACC_COLUMNS):
+        for j, (metric, label) in enumerate(ACC_COLUMNS):
             means, stds = [], []
-            for method, k in pairs:
+            for method, k, _ in pairs:
                 key = (method, k, protocol)
                 found = key in indexed.index and f"{metric}_mean" in indexed.columns
                 mean = indexed.loc[key, f"{metric}_mean"] if found else math.nan
                 std = indexed.loc[key, f"{metric}_std"] if found else math.nan
                 means.append(100 * mean)
                 stds.append(0.0 if pd.isna(std) else 100 * std)  # one seed: no error bar
-            ax.bar(x + (j - 1) * width, means, width, yerr=stds, capsize=2, label=name)
+            ax.bar(x + (j - 1) * width, means, width, yerr=stds, capsize=2, label=label)
         ax.set_title(title)
         ax.set_xticks(x, labels, fontsize=8)
         ax.set_ylim(0, 100)
@@ -81,7 +93,7 @@ def plot_accuracy_bars(summary: pd.DataFrame) -> Figure:
     axes[0].set_ylabel("ACC (%)")
     axes[-1].legend(loc="lower right", fontsize=8)
     title = "ACC (%), mean \u00b1 std over seeds"
-    if summary["synthetic"].astype(bool).any():
+    if summary["synthetic"].eq(True).any():
         title += f" ({SYNTHETIC_NOTE})"
     fig.suptitle(title, fontsize=10)
     return fig
@@ -170,8 +182,9 @@ def plot_confusion(record: dict[str, Any]) -> Figure:
                 tick.set_color(NOVEL_TICK_COLOUR)
     ax.set_ylabel("true class")
     ax.set_xlabel("predicted class (after the joint Hungarian mapping)")
+    name = display_for(record.get("method"), record.get("config")).name
     title = (
-        f"{row_label(record.get('method'), record.get('k'))}, "
+        f"{row_label(name, record.get('k'))}, "
         f"{str(record.get('protocol')).upper()}, seed {record.get('seed')}; "
         "row-normalised, novel classes in red"
     )
@@ -181,19 +194,84 @@ def plot_confusion(record: dict[str, Any]) -> Figure:
     return fig
 
 
-def write_plots(sweep_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """`acc_bars.{png,pdf}` and, per (method, protocol, k), the confusion matrix of its lowest
-    included seed, into `out_dir` (default `<sweep_dir>/tables/plots`)."""
+def plot_diagnostics(curves: pd.DataFrame, synthetic: bool) -> Figure:
+    """Per-epoch mechanism diagnostics, one line per cell (mean over its seeds).
+
+    Panels, where some record has the values: confidence gap (conf_known - conf_novel on test),
+    pseudo-label noise on the unlabelled training rows, clusters used, and the estimated K
+    (per-epoch `k_estimated`, or CAL's `k_curve`).
+    """
+    panels = [(name, title) for name, title in CURVES if (curves["curve"] == name).any()]
+    fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    cells = curves.drop_duplicates(CELL)
+    protocols = sorted(cells["protocol"].astype(str).unique(), key=natural_key)
+    titles = dict(zip(protocols, protocol_headers(protocols)))
+    order = sorted(
+        range(len(cells)),
+        key=lambda i: (
+            row_rank(cells["method"].iloc[i], cells["k"].iloc[i], cells["display_order"].iloc[i]),
+            natural_key(cells["protocol"].iloc[i]),
+        ),
+    )
+    for ax, (name, title) in zip(axes, panels):
+        for i in order:
+            cell = cells.iloc[i]
+            line = curves[
+                (curves["method"] == cell["method"])
+                & (curves["protocol"] == cell["protocol"])
+                & (curves["k"] == cell["k"])
+                & (curves["curve"] == name)
+            ].sort_values("epoch")
+            if line.empty:
+                continue
+            label = row_label(cell["display_name"], cell["k"])
+            if len(protocols) > 1:
+                label += f", {titles[str(cell['protocol'])]}"
+            scale = 100.0 if name in ("conf_gap", "pseudo_noise") else 1.0
+            ax.plot(line["epoch"], scale * line["value"], marker="o", markersize=3, label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if name in ("conf_gap", "pseudo_noise"):
+            ax.set_ylabel("%")
+    axes[-1].legend(fontsize=7, loc="best")
+    suptitle = "Mechanism diagnostics per epoch, mean over seeds"
+    if synthetic:
+        suptitle += f" ({SYNTHETIC_NOTE})"
+    fig.suptitle(suptitle, fontsize=10)
+    return fig
+
+
+def write_plots(
+    sweep_dir: str | Path,
+    out_dir: str | Path | None = None,
+    records: pd.DataFrame | None = None,
+) -> list[Path]:
+    """`acc_bars`, `diagnostics` (when the records carry per-epoch diagnostics) and, per
+    (method, protocol, k), the confusion matrix of its lowest included seed, each as PNG and
+    PDF, into `out_dir` (default `<sweep_dir>/tables/plots`). `records`: the frame of
+    `load_records(sweep_dir)` when the caller has it already."""
     root = Path(sweep_dir)
     out = Path(out_dir) if out_dir is not None else root / "tables" / "plots"
-    df = load_records(root)
-    used = df[exclusion_reasons(df) == ""]
+    df = records if records is not None else load_records(root)
+    used = included(df)
     if used.empty:
         return []
     written = save_figure(plot_accuracy_bars(summarise(df)), out / "acc_bars")
+    curves = epoch_curves(df)
+    if not curves.empty:
+        synthetic = bool(used["synthetic"].eq(True).any())
+        written += save_figure(plot_diagnostics(curves, synthetic), out / "diagnostics")
     for (method, protocol, k), runs in used.groupby(CELL, sort=True):
         run = runs.sort_values("seed").iloc[0]
         record = json.loads((root / run["path"]).read_text(encoding="utf-8"))
         stem = out / f"confusion_{method}_{protocol}_k-{k}_seed-{run['seed']}"
-        written += save_figure(plot_confusion(record), stem)
+        try:
+            figure = plot_confusion(record)
+        except ValueError as err:  # one malformed record must not cost the other figures
+            log.warning("no confusion figure for %s: %s", run["path"], err)
+            continue
+        written += save_figure(figure, stem)
     return written

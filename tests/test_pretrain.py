@@ -1,0 +1,81 @@
+"""The synthetic benchmark's pretrained start: disjoint corpus, cached weights, the runner's use."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from owdfa_bench.data import synth
+from owdfa_bench.models import build_backbone
+from owdfa_bench.pretrain import (
+    CORPUS_INDEX_BASE,
+    PretrainSettings,
+    corpus_classes,
+    ensure_pretrained,
+    render_corpus,
+)
+from owdfa_bench.runner import run
+
+TINY = PretrainSettings(
+    image_size=32,
+    methods_per_family=1,
+    images_per_method=4,
+    real_images=4,
+    epochs=1,
+    batch_size=8,
+)
+TINY_OVERRIDE = (
+    "data.pretrain={methods_per_family: 1, images_per_method: 4, real_images: 4, epochs: 1,"
+    " batch_size: 8, lr: 0.001, seed: 0}"
+)
+
+
+def test_corpus_shares_no_class_fingerprint_or_identity_with_the_benchmark():
+    benchmark = synth.load_registry()
+    corpus = corpus_classes(3)
+    fakes = [c for c in corpus if c.family != "REAL"]
+    assert len(fakes) == 12 and {c.family for c in fakes} == {"S", "R", "E", "G"}
+    assert min(c.index for c in fakes) >= CORPUS_INDEX_BASE > max(c.index for c in benchmark)
+    assert not {c.code for c in fakes} & {c.code for c in benchmark}
+    fingerprints = {synth.method_fingerprint(c) for c in benchmark if c.family != "REAL"}
+    assert not fingerprints & {synth.method_fingerprint(c) for c in fakes}
+    # corpus images use another identity seed: no picture equals a benchmark picture
+    images, labels = render_corpus(TINY)
+    params = synth.SynthParams(image_size=32, seed=TINY.generator_seed)
+    bench_real = np.stack([synth.render_real(f, i, params).image for f in (0, 1) for i in range(4)])
+    assert images.shape == (4 + 4 * 4, 32, 32, 3) and labels.tolist()[:4] == [0] * 4
+    assert not any(np.array_equal(a, b) for a in images[:4] for b in bench_real)
+
+
+def test_weights_are_built_once_cached_and_loaded_by_the_backbone(tmp_path):
+    first = ensure_pretrained(TINY, tmp_path / "start")
+    mtime = (tmp_path / "start" / "backbone.safetensors").stat().st_mtime_ns
+    again = ensure_pretrained(TINY, tmp_path / "start")
+    assert again["weights_sha256"] == first["weights_sha256"]
+    assert (tmp_path / "start" / "backbone.safetensors").stat().st_mtime_ns == mtime  # reused
+    assert 0.0 <= first["scores"]["held_out_acc"] <= 1.0
+    state = load_file(first["weights"])
+    assert not any(k.startswith("fc.") for k in state)  # the corpus classifier is dropped
+    model = build_backbone("resnet18", weights=first["weights"])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    # a manifest that does not match (other settings) is rebuilt, never reused
+    manifest = json.loads((tmp_path / "start" / "manifest.json").read_text())
+    manifest["settings"]["epochs"] = 99
+    (tmp_path / "start" / "manifest.json").write_text(json.dumps(manifest))
+    rebuilt = ensure_pretrained(TINY, tmp_path / "start")
+    assert rebuilt["settings"]["epochs"] == 1
+
+
+def test_runner_starts_from_the_cached_weights_and_records_them(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("OWDFA_BENCH_CACHE", str(tmp_path / "cache"))
+    record = run(make_cfg("method=lower_bound", TINY_OVERRIDE))
+    start = record["pretrained_start"]
+    assert record["status"] == "complete" and start["settings"]["methods_per_family"] == 1
+    assert start["settings"]["image_size"] == 32  # follows data.image_size
+    weights = next((tmp_path / "cache").glob("pretrain-*/backbone.safetensors"))
+    assert start["weights_sha256"] and weights.is_file()
+    from_scratch = run(make_cfg("method=lower_bound", f"output_root={tmp_path / 'scratch'}"))
+    assert "pretrained_start" not in from_scratch

@@ -1,0 +1,648 @@
+"""The report package on fabricated run records: tables, issues, marks, diagnostics, plots,
+paper comparison, confidence intervals, the W&B aggregate run, the CLI and the Hydra callback."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from latex_check import check_latex
+from omegaconf import OmegaConf
+from scipy import stats
+
+from owdfa_bench.records import config_hash
+from owdfa_bench.report.collect import load_records
+from owdfa_bench.report.main import AggregateCallback, cli_aggregate, write_report, write_tables
+from owdfa_bench.report.naming import METHOD_CONF_DIR, display_for
+from owdfa_bench.report.paper import PAPER_DIR
+from owdfa_bench.report.plots import family_order, plot_diagnostics, write_plots
+from owdfa_bench.report.summarise import epoch_curves, summarise
+from owdfa_bench.report.validate import validate
+
+SEEDS = (2025, 2026, 2027)
+# Five classes whose families interleave, so ordering by family is visible: REAL, S, R, S, R.
+CLASSES = [
+    {"label": 0, "index": 0, "code": "REAL", "family": "REAL", "known": True},
+    {"label": 1, "index": 1, "code": "S1", "family": "S", "known": True},
+    {"label": 2, "index": 6, "code": "R1", "family": "R", "known": True},
+    {"label": 3, "index": 2, "code": "S2", "family": "S", "known": False},
+    {"label": 4, "index": 7, "code": "R2", "family": "R", "known": False},
+]
+# Accuracy level per method: CAL clearly above CPL, so CAL's means are the bold ones.
+LEVEL = {"cal": 0.85, "cpl": 0.70, "mpsl": 0.6, "lower_bound": 0.5, "upper_bound": 0.95}
+NAMES = ["all_acc", "known_acc", "novel_acc", "all_nmi", "all_ari", "novel_nmi", "novel_ari"]
+DISPLAY = {"cal": ("CAL", 80), "cpl": ("CPL", 70), "cdal": ("CDAL", 75)}
+
+
+def metrics_for(method: str, protocol: str, k: str, seed: int) -> dict[str, float]:
+    rng = np.random.default_rng([seed, len(method), int(protocol[1:]), len(k)])
+    base = LEVEL[method] - (0.05 if protocol == "p2" else 0.0) - (0.05 if k == "unknown" else 0.0)
+    values = {name: float(base + rng.uniform(-0.03, 0.03)) for name in NAMES}
+    values["known_acc"] = min(1.0, values["known_acc"] + 0.1)
+    values["gcd_v2_all_acc"] = values["all_acc"]
+    return values
+
+
+def make_record(
+    method: str,
+    protocol: str,
+    k: str,
+    seed: int,
+    status: str = "complete",
+    data: str = "synth",
+    lr: float = 2e-4,
+    display: tuple[str, int] | None = None,
+    logger: dict | None = None,
+) -> dict:
+    synthetic = data == "synth"
+    method_config: dict = {"name": method, "optim": {"name": "adam", "lr": lr}}
+    if display is not None:
+        method_config["display"] = {"name": display[0], "order": display[1]}
+    config = {
+        "seed": seed,
+        "split_seed": 2025,
+        "data": {"name": data, "root": None},
+        "protocol": {"name": protocol},
+        "k": {"mode": k},
+        "method": method_config,
+        "logger": logger or {"name": "none"},
+        "paths": {"output_dir": f"sweep/{method}/{protocol}/k-{k}/seed-{seed}"},
+        "run_name": f"{method}-{protocol}-seed-{seed}",
+    }
+    confusion = np.diag([8, 7, 6, 5, 4]).tolist()
+    for row in confusion:
+        row.append(1)  # one sample per class in an unmatched cluster
+    return {
+        "schema_version": 1,
+        "status": status,
+        "error": "RuntimeError: loss is NaN at epoch 3" if status == "failed" else None,
+        "method": method,
+        "protocol": protocol,
+        "k": k,
+        "seed": seed,
+        "split_seed": 2025,
+        "data": data,
+        "synthetic": synthetic,
+        "selection": "last",
+        "selected_epoch": 9,
+        "epochs": 10,
+        "metrics": metrics_for(method, protocol, k, seed) if status == "complete" else {},
+        "num_clusters": 5,
+        "k_estimated": 6 if k == "unknown" else None,
+        "num_known": 3,
+        "num_classes": 5,
+        "classes": CLASSES,
+        "per_class_acc": [0.9, 0.8, 0.7, 0.6, 0.5],
+        "confusion": confusion,
+        "history": [],
+        "train_images_per_s": 150.0,
+        "eval_images_per_s": 900.0,
+        "wall_s": 90.0 + seed - 2025,
+        "config": config,
+        "config_hash": "x",
+        "git_commit": "abc",
+        "versions": {},
+        "device": "cpu",
+    }
+
+
+def write_record(root: Path, record: dict, folder: str | None = None) -> Path:
+    run = folder or f"{record['method']}/{record['protocol']}/k-{record['k']}/seed-{record['seed']}"
+    path = root / run / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return path
+
+
+def make_sweep(root: Path, data: str = "synth") -> Path:
+    """2 methods x 2 protocols x 3 seeds (K known) with one missing seed (cpl/p2, 2027), one
+    duplicate seed (cal/p2, 2026), one failed run (cpl/p1, 2026), one unreadable file, and a
+    one-seed CAL K-unknown cell on p1. CAL's records carry `method.display`, CPL's do not (its
+    name comes from conf/method/cpl.yaml)."""
+    for method in ("cal", "cpl"):
+        display = DISPLAY["cal"] if method == "cal" else None
+        for protocol in ("p1", "p2"):
+            for seed in SEEDS:
+                if (method, protocol, seed) == ("cpl", "p2", 2027):
+                    continue
+                status = "failed" if (method, protocol, seed) == ("cpl", "p1", 2026) else "complete"
+                record = make_record(method, protocol, "known", seed, status, data, display=display)
+                write_record(root, record)
+    write_record(
+        root,
+        make_record("cal", "p2", "known", 2026, data=data, display=DISPLAY["cal"]),
+        "cal/p2/k-known/seed-2026-again",
+    )
+    write_record(root, make_record("cal", "p1", "unknown", 2025, data=data, display=DISPLAY["cal"]))
+    broken = root / "cal/p1/k-unknown/seed-2026/results.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text('{"status": "complete", "metrics": ')  # cut off mid-write
+    (root / "multirun.yaml").write_text("not a record\n")
+    (root / "cal/p1/k-known/seed-2025/metrics.json").write_text("{}")  # not a record either
+    return root
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    return make_sweep(tmp_path_factory.mktemp("synth_sweep"))
+
+
+@pytest.fixture(scope="module")
+def tables(sweep) -> dict[str, Path]:
+    return write_tables(sweep)
+
+
+def md_row(text: str, label: str) -> list[str]:
+    """The cells of the Markdown row whose first cell is `label`."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == label:
+            return cells
+    raise AssertionError(f"no row {label!r} in\n{text}")
+
+
+# --------------------------------------------------------------------------- collect, validate
+def test_load_records_reads_only_results_json_and_keeps_unreadable(sweep):
+    df = load_records(sweep)
+    assert len(df) == 14  # 11 (incl. 1 failed) + 1 duplicate + 1 K unknown + 1 unreadable
+    broken = df[df["status"] == "unreadable"]
+    assert broken["path"].tolist() == ["cal/p1/k-unknown/seed-2026/results.json"]
+    assert "JSONDecodeError" in broken["error"].iloc[0]
+    assert not df["path"].str.startswith("/").any()  # no machine paths
+    assert {"all_acc", "gcd_v2_all_acc", "wall_s", "k_estimated", "synthetic"} <= set(df.columns)
+    assert str(df["seed"].dtype) == "Int64"
+
+
+def test_validate_reports_missing_duplicate_failed_unreadable(sweep):
+    issues = validate(load_records(sweep))
+    by_kind: dict[str, list[str]] = {}
+    for issue in issues:
+        by_kind.setdefault(issue.kind, []).append(issue.detail)
+    assert any("cpl/p2/k=known" in d and "2027" in d for d in by_kind["missing_seed"])
+    assert any("cal/p2/k=known" in d and "seed 2026" in d for d in by_kind["duplicate_seed"])
+    (failed,) = by_kind["failed"]
+    assert "cpl/p1/k-known/seed-2026/results.json" in failed and "loss is NaN" in failed
+    assert by_kind["unreadable"][0].startswith("cal/p1/k-unknown/seed-2026/results.json")
+    # Seeds, run folders and a split seed fixed at 2025 are not config differences.
+    assert "config_mismatch" not in by_kind
+
+
+def test_validate_names_the_config_key_that_differs(tmp_path):
+    for seed in SEEDS:
+        write_record(
+            tmp_path, make_record("cal", "p1", "known", seed, lr=1e-3 if seed == 2027 else 2e-4)
+        )
+    (issue,) = [i for i in validate(load_records(tmp_path)) if i.kind == "config_mismatch"]
+    assert "method.optim.lr" in issue.detail and "cal/p1/k=known" in issue.detail
+
+
+def test_display_metadata_is_no_config_difference(tmp_path):
+    """A renamed method (method.display) is neither a config mismatch nor a new config hash."""
+    for seed, name in zip(SEEDS, ("CAL", "CAL", "CAL (renamed)")):
+        write_record(tmp_path, make_record("cal", "p1", "known", seed, display=(name, 80)))
+    assert not [i for i in validate(load_records(tmp_path)) if i.kind == "config_mismatch"]
+
+    base = {"seed": 1, "method": {"name": "cal", "epochs": 5}, "trainer": {"threads": 1}}
+    shown = {**base, "method": {**base["method"], "display": {"name": "CAL", "order": 80}}}
+    changed = {**base, "method": {**base["method"], "epochs": 6}}
+    assert config_hash(OmegaConf.create(shown)) == config_hash(OmegaConf.create(base))
+    assert config_hash(OmegaConf.create(changed)) != config_hash(OmegaConf.create(base))
+
+
+# --------------------------------------------------------------------------- summarise
+def test_summary_matches_numpy_and_excludes_failed_and_duplicates(sweep):
+    summary = summarise(load_records(sweep)).set_index(["method", "protocol", "k"])
+    values = [metrics_for("cal", "p1", "known", s)["all_acc"] for s in SEEDS]
+    cell = summary.loc[("cal", "p1", "known")]
+    assert cell["n"] == 3
+    assert cell["all_acc_mean"] == pytest.approx(np.mean(values))
+    assert cell["all_acc_std"] == pytest.approx(np.std(values, ddof=1))
+    assert cell["wall_s_mean"] == pytest.approx(91.0)
+    assert summary.loc[("cpl", "p1", "known"), "n"] == 2  # failed run left out
+    assert summary.loc[("cal", "p2", "known"), "n"] == 3  # duplicate seed counted once
+    single = summary.loc[("cal", "p1", "unknown")]
+    assert single["n"] == 1 and math.isnan(single["all_acc_std"])
+    assert single["k_estimated_mean"] == 6
+
+
+def test_display_names_come_from_records_then_method_configs(tmp_path):
+    write_record(tmp_path, make_record("cal", "p1", "known", 2025, display=("CAL*", 80)))
+    write_record(tmp_path, make_record("mpsl", "p1", "known", 2025))  # from conf/method/mpsl.yaml
+    write_record(tmp_path, make_record("lower_bound", "p1", "known", 2025))
+    record = make_record("cpl", "p1", "known", 2025)
+    record["method"] = record["config"]["method"]["name"] = "newmethod"  # no config file
+    write_record(tmp_path, record)
+    summary = summarise(load_records(tmp_path))
+    assert summary["display_name"].tolist() == ["Lower bound", "MPSL", "CAL*", "newmethod"]
+    md = write_tables(tmp_path)["acc_md"].read_text()
+    rows = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["Lower bound", "MPSL", "CAL*", "newmethod"]  # [0] is the header
+
+
+def test_every_method_config_has_a_display_name_and_order():
+    files = sorted(METHOD_CONF_DIR.glob("*.yaml"))
+    assert len(files) >= 10
+    orders = {}
+    for path in files:
+        display = yaml.safe_load(path.read_text())["display"]
+        assert isinstance(display["name"], str) and display["name"], path.name
+        orders[path.stem] = display["order"]
+        assert display_for(path.stem).name == display["name"]
+    assert len(set(orders.values())) == len(orders)  # one row position per method
+    assert orders["lower_bound"] < orders["upper_bound"] < orders["rankstats"] < orders["cal"]
+    assert display_for("mpsl").name == "MPSL"
+
+
+# --------------------------------------------------------------------------- render
+def test_tables_layout_marks_and_caption(sweep, tables):
+    md = tables["acc_md"].read_text()
+    tex = tables["acc_tex"].read_text()
+    caption = md.splitlines()[0]
+    assert "Synthetic benchmark (data=synth)" in caption and "last epoch" in caption
+    assert "Hungarian" in caption  # the metric convention is stated
+    assert "CAL (K unknown)" in md and "CAL (K unknown)" in tex
+    assert "\u2020" in md and r"^{\dagger}" in tex and "fewer than 3 seeds" in md
+    assert "REAL" not in md.splitlines()[2]  # no real_acc in these records: no REAL column
+
+    summary = pd.read_csv(tables["summary"]).set_index(["method", "protocol", "k"])
+    best = 100 * summary.loc[("cal", "p1", "known"), "all_acc_mean"]
+    assert f"**{best:.1f}**" in md
+    assert rf"\textbf{{{best:.1f} $\pm$" in tex  # bold by Styler highlighting
+    cpl = 100 * summary.loc[("cpl", "p1", "known"), "all_acc_mean"]
+    assert f"**{cpl:.1f}**" not in md and rf"\textbf{{{cpl:.1f}" not in tex
+
+    assert check_latex(tex) == []
+    assert check_latex(tables["nmi_ari_tex"].read_text()) == []
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\cmidrule(lr){2-4}"):
+        assert rule in tex
+    assert r"\multicolumn{3}{c}{P1}" in tex and "synthetic" in tex.lower()
+    assert "Novel NMI" in tables["nmi_ari_md"].read_text()
+
+    issues = tables["issues"].read_text()
+    for kind in ("[failed]", "[missing_seed]", "[duplicate_seed]", "[unreadable]"):
+        assert kind in issues
+    runs = pd.read_csv(tables["runs"])
+    assert len(runs) == 14 and (~runs["included"]).sum() == 3
+    assert "history" not in runs.columns and "config" not in runs.columns
+
+
+def test_best_on_test_selection_gets_a_double_dagger(tmp_path):
+    for seed in SEEDS:
+        record = make_record("cal", "p1", "known", seed)
+        record["selection"] = "best_on_test"
+        write_record(tmp_path, record)
+    paths = write_tables(tmp_path)
+    md, tex = paths["acc_md"].read_text(), paths["acc_tex"].read_text()
+    assert "\u2021 Checkpoint: epoch with the best test score" in md.splitlines()[0]
+    assert "\u2021" in md_row(md, "CAL")[1] and r"^{\ddagger}" in tex
+    assert check_latex(tex) == []
+
+
+def test_bounds_are_never_bold_and_sit_above_a_midrule(tmp_path):
+    for method in ("upper_bound", "cal", "cpl"):
+        for seed in SEEDS:
+            write_record(tmp_path, make_record(method, "p1", "known", seed))
+    paths = write_tables(tmp_path)
+    md, tex = paths["acc_md"].read_text(), paths["acc_tex"].read_text()
+    assert "**" not in md_row(md, "Upper bound (oracle)")[1]  # highest, yet not bold
+    assert md_row(md, "CAL")[1].startswith("**")
+    lines = tex.splitlines()
+    upper = next(i for i, line in enumerate(lines) if line.startswith("Upper bound"))
+    assert lines[upper + 1] == r"\midrule" and lines[upper + 2].startswith("CPL")
+    assert check_latex(tex) == []
+
+
+def test_real_acc_is_its_own_column_when_present(tmp_path):
+    for seed in SEEDS:
+        record = make_record("cal", "p1", "known", seed)
+        record["metrics"]["real_acc"] = 0.9 + 0.01 * (seed - 2025)
+        write_record(tmp_path, record)
+    paths = write_tables(tmp_path)
+    md = paths["acc_md"].read_text()
+    assert "P1 REAL" in md and md_row(md, "CAL")[4].startswith("91.0 \u00b1 1.0")
+    assert "real class" in md.splitlines()[0]
+    assert check_latex(paths["acc_tex"].read_text()) == []
+
+
+def test_real_data_caption_does_not_say_synthetic(tmp_path):
+    for seed in SEEDS:
+        write_record(tmp_path, make_record("cal", "p1", "known", seed, data="owdfa40"))
+    paths = write_tables(tmp_path)
+    for name in ("acc_md", "acc_tex", "nmi_ari_md", "diagnostics_md"):
+        assert "synthetic" not in paths[name].read_text().lower()
+    assert "Data: owdfa40." in paths["acc_md"].read_text()
+
+
+# --------------------------------------------------------------------------- paper
+def test_compare_paper_adds_published_cal_numbers(tmp_path):
+    for seed in SEEDS:
+        write_record(tmp_path, make_record("cal", "p1", "known", seed, data="owdfa40"))
+    paths = write_tables(tmp_path, compare_paper=True)
+    md = paths["acc_md"].read_text()
+    (paper_row,) = [line for line in md.splitlines() if line.startswith("| CAL (paper)")]
+    assert "88.3" in paper_row and "98.0" in paper_row and "76.5" in paper_row
+    assert check_latex(paths["acc_tex"].read_text()) == []
+    comparison = pd.read_csv(paths["paper_comparison"]).set_index("metric")
+    assert comparison.loc["all_acc", "paper_percent"] == pytest.approx(88.3)
+
+
+def test_compare_paper_prints_every_row_beside_the_paper(tmp_path, capsys):
+    """CAL P1 has published numbers; CAL P4 (a protocol the paper lacks) and MPSL (a method
+    the paper lacks) keep their rows with blank paper columns."""
+    for seed in SEEDS:
+        for method, protocol in (("cal", "p1"), ("cal", "p4"), ("mpsl", "p1")):
+            metrics = metrics_for(method, "p1", "known", seed)
+            record = make_record(method, protocol, "known", seed, data="owdfa40")
+            record["metrics"] = metrics
+            write_record(tmp_path, record)
+    assert cli_aggregate([str(tmp_path), "--compare-paper", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "owdfa40_cal_table2.csv" in printed and "results_sota.png" in printed  # the source
+    comparison = (tmp_path / "tables" / "paper_comparison.md").read_text()
+    assert comparison in printed
+    cal = md_row(comparison, "CAL")
+    header = md_row(comparison, "Method")
+    assert header[2:6] == ["All ours", "All paper", "Known ours", "Known paper"]
+    assert cal[1] == "P1" and cal[3] == "88.3" and cal[5] == "98.0"
+    rows = [line for line in comparison.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 3  # no row dropped
+    p4 = [r for r in rows if "| P4" in r]
+    (mpsl,) = [r for r in rows if r.startswith("| MPSL")]
+    for row in (p4[0], mpsl):
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        assert cells[2] and not cells[3]  # ours shown, paper blank
+    frame = pd.read_csv(tmp_path / "tables" / "paper_comparison.csv")
+    assert frame.groupby(["method", "protocol"]).ngroups == 3
+    assert frame.loc[frame["method"] == "mpsl", "paper_percent"].isna().all()
+
+
+def test_compare_paper_on_synthetic_says_not_comparable(sweep, tmp_path):
+    paths = write_tables(sweep, tmp_path / "out", compare_paper=True)
+    caption = paths["acc_md"].read_text().splitlines()[0]
+    assert "real owdfa40 data; not comparable" in caption
+    assert "not comparable" in paths["paper_comparison_md"].read_text().splitlines()[0]
+
+
+def test_paper_csvs_are_tidy_and_hold_the_spec_values():
+    columns = [
+        "benchmark",
+        "protocol",
+        "method",
+        "k_setting",
+        "metric",
+        "value_percent",
+        "source",
+        "note",
+    ]
+    files = sorted(PAPER_DIR.glob("*.csv"))
+    assert len(files) == 4 and (PAPER_DIR / "README.md").is_file()
+    for path in files:
+        frame = pd.read_csv(path)
+        assert list(frame.columns) == columns, path.name
+        assert frame["value_percent"].between(0, 100).all() and frame["source"].notna().all()
+        assert path.name in (PAPER_DIR / "README.md").read_text()
+    table2 = pd.read_csv(PAPER_DIR / "owdfa40_cal_table2.csv")
+    key = ["protocol", "method", "k_setting", "metric"]
+    values = table2.set_index(key)["value_percent"]
+    assert values[("p1", "cal", "known", "all_acc")] == 88.3
+    assert values[("p1", "cal", "unknown", "novel_acc")] == 74.5  # README says 76.5
+    assert not table2.duplicated(key).any()
+
+
+# --------------------------------------------------------------------------- --ci
+CI_VALUES = {  # all metrics of a method take these per-seed values
+    "cal": [0.80, 0.82, 0.84],
+    "cpl": [0.79, 0.83, 0.86],  # best mean, not separable from CAL
+    "cdal": [0.50, 0.52, 0.51],  # clearly below
+}
+
+
+def test_ci_interval_and_welch_marks_match_scipy(tmp_path):
+    for method, values in CI_VALUES.items():
+        for seed, value in zip(SEEDS, values):
+            record = make_record("cal", "p1", "known", seed, display=DISPLAY[method])
+            record["method"] = record["config"]["method"]["name"] = method
+            record["metrics"] = {name: value for name in NAMES}
+            write_record(tmp_path, record)
+    paths = write_tables(tmp_path, ci=True)
+    md, tex = paths["acc_md"].read_text(), paths["acc_tex"].read_text()
+    assert "Student-t interval" in md.splitlines()[0]
+
+    summary = pd.read_csv(paths["summary"]).set_index("method")
+    for method, values in CI_VALUES.items():
+        low, high = stats.t.interval(
+            0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values)
+        )
+        half = (high - low) / 2
+        assert summary.loc[method, "all_acc_ci95"] == pytest.approx(half)
+        cell = md_row(md, DISPLAY[method][0])[1]
+        assert f"{100 * np.mean(values):.1f}** \u00b1 {100 * half:.1f}" in cell or (
+            cell.startswith(f"{100 * np.mean(values):.1f} \u00b1 {100 * half:.1f}")
+        )
+
+    p_cal = stats.ttest_ind(CI_VALUES["cpl"], CI_VALUES["cal"], equal_var=False).pvalue
+    p_cdal = stats.ttest_ind(CI_VALUES["cpl"], CI_VALUES["cdal"], equal_var=False).pvalue
+    assert p_cal >= 0.05 > p_cdal  # the hand-made sweep tests both outcomes
+    assert md_row(md, "CPL")[1].startswith("**")  # the best row
+    assert md_row(md, "CAL")[1].endswith("\u2248")  # not significantly below CPL
+    assert not md_row(md, "CDAL")[1].endswith("\u2248")  # significantly below
+    assert "Welch" in md and r"^{\approx}" in tex and check_latex(tex) == []
+
+    tests = pd.read_csv(paths["significance"])
+    acc = tests[(tests["table"] == "acc") & (tests["metric"] == "all_acc")].set_index("method")
+    assert acc.loc["cal", "p_value"] == pytest.approx(p_cal)
+    assert acc.loc["cdal", "p_value"] == pytest.approx(p_cdal)
+    assert (acc["best_method"] == "cpl").all() and "cpl" not in acc.index
+
+
+# --------------------------------------------------------------------------- diagnostics
+def diagnostic_metrics(epoch: int, seed: int, known_gap: bool = True) -> dict:
+    offset = 0.01 * (seed - 2025)
+    values = {
+        "conf_known": 0.9 - 0.01 * epoch + offset,
+        "conf_novel": 0.5 + 0.05 * epoch,
+        "pseudo_noise": 0.6 - 0.1 * epoch + offset,
+        "pseudo_noise_confident": None,  # no row above the threshold
+        "pseudo_confident_fraction": 0.0,
+        "val_uncert": 0.3,
+        "num_clusters": 4 + epoch,
+        "real_acc": 0.95,
+        "transductive_all_acc": 0.7,
+        "transductive_gcd_v2_all_acc": 0.7,
+        "transductive_gcd_v2_old_acc": 0.8 + offset,
+        "transductive_gcd_v2_new_acc": 0.6,
+    }
+    if not known_gap:
+        del values["conf_known"]
+    return values
+
+
+def diagnostic_sweep(root: Path) -> Path:
+    """CAL K unknown with per-epoch diagnostics and a K curve over 3 epochs; CPL old-style."""
+    for seed in SEEDS:
+        record = make_record("cal", "p1", "unknown", seed)
+        record["history"] = [
+            {"epoch": e, "metrics": {**record["metrics"], **diagnostic_metrics(e, seed)}}
+            for e in range(3)
+        ]
+        record["metrics"] = record["history"][-1]["metrics"]
+        record["k_curve"] = [30, 12, 6]
+        write_record(root, record)
+        write_record(root, make_record("cpl", "p1", "known", seed))
+    return root
+
+
+def test_diagnostics_table_and_old_records(tmp_path):
+    paths = write_tables(diagnostic_sweep(tmp_path))
+    md = paths["diagnostics_md"].read_text()
+    header = md_row(md, "Method")
+    for column in ("All NMI", "conf known - novel", "pseudo noise", "transd. New (GCD v2)"):
+        assert column in header
+    assert "pseudo noise (confident)" not in header  # null in every record: left out
+    cal = dict(zip(header, md_row(md, "CAL")))
+    last = [diagnostic_metrics(2, seed) for seed in SEEDS]
+    gaps = [m["conf_known"] - m["conf_novel"] for m in last]
+    assert cal["conf known - novel"] == f"{100 * np.mean(gaps):.1f} \u00b1 1.0"
+    assert cal["K"] == "unknown" and cal["seeds"] == "3" and cal["REAL acc"].startswith("95.0")
+    assert cal["transd. Old (GCD v2)"] == "81.0 \u00b1 1.0"
+    cpl = dict(zip(header, md_row(md, "CPL")))
+    assert cpl["pseudo noise"] == "\u2013" and cpl["All NMI"] != "\u2013"  # old records work
+    assert cpl["wall s / run"] == "91"
+    frame = pd.read_csv(paths["diagnostics"]).set_index("method")
+    assert frame.loc["cal", "pseudo_noise_mean"] == pytest.approx(0.4 + 0.01)
+    assert check_latex(paths["diagnostics_tex"].read_text()) == []
+    assert "synthetic" in md.splitlines()[0].lower()
+
+    # records without any diagnostic key still give a table (NMI, clusters, wall time)
+    old = write_tables(make_sweep(tmp_path / "old"))["diagnostics_md"].read_text()
+    assert "All NMI" in old and "pseudo noise" not in old
+
+
+def test_diagnostics_figure_draws_epoch_curves_and_the_k_curve(tmp_path):
+    sweep = diagnostic_sweep(tmp_path / "sweep")
+    curves = epoch_curves(load_records(sweep))
+    k = curves[curves["curve"] == "k_estimated"].sort_values("epoch")
+    assert k["value"].tolist() == [30, 12, 6]  # CAL's k_curve, mean over 3 seeds
+    noise = curves[curves["curve"] == "pseudo_noise"].sort_values("epoch")
+    assert noise["value"].tolist() == pytest.approx([0.61, 0.51, 0.41])
+    fig = plot_diagnostics(curves, synthetic=True)
+    assert "synthetic" in fig._suptitle.get_text()
+    assert [ax.get_title() for ax in fig.axes][3].startswith("K estimated")
+    written = {p.name for p in write_plots(sweep, tmp_path / "plots")}
+    assert {"diagnostics.png", "diagnostics.pdf"} <= written
+    assert "synthetic" not in plot_diagnostics(curves, synthetic=False)._suptitle.get_text()
+
+
+# --------------------------------------------------------------------------- plots
+def test_family_order_groups_classes():
+    labels, starts, families = family_order(CLASSES)
+    assert labels == [0, 1, 3, 2, 4] and starts == [1, 3] and families == ["REAL", "S", "R"]
+
+
+def test_plots_written_as_png_and_pdf(tmp_path):
+    sweep = tmp_path / "sweep"
+    for method in ("cal", "cpl"):
+        for seed in SEEDS[:2]:
+            write_record(sweep, make_record(method, "p1", "known", seed))
+    written = write_plots(sweep, tmp_path / "plots")
+    names = {p.name for p in written}
+    assert names == {
+        f"{stem}.{ext}"
+        for stem in (
+            "acc_bars",
+            "confusion_cal_p1_k-known_seed-2025",
+            "confusion_cpl_p1_k-known_seed-2025",
+        )
+        for ext in ("png", "pdf")
+    }  # no history: no diagnostics figure
+    assert all(p.stat().st_size > 1000 for p in written)
+
+
+# --------------------------------------------------------------------------- W&B
+def test_wandb_offline_aggregate_run_holds_the_table(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wb").mkdir()
+    sweep = tmp_path / "sweep"
+    wandb_logger = {"name": "wandb", "project": "owdfa-bench", "entity": None, "mode": "offline"}
+    for method in ("cal", "cpl"):
+        for seed in SEEDS:
+            record = make_record(method, "p1", "known", seed, logger=wandb_logger)
+            write_record(sweep, record)
+    paths = write_report(sweep, plots=True)  # auto: the runs logged to W&B offline
+    (run_dir,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    assert paths["wandb"] == run_dir
+    (log_file,) = run_dir.glob("run-*.wandb")
+    raw = log_file.read_bytes()
+    assert b"aggregate" in raw and b"api_key" not in raw.lower()  # job_type, and no key
+
+    (table_file,) = run_dir.glob("files/media/table/tables/acc_*.table.json")
+    table = json.loads(table_file.read_text())
+    rows = {row[0]: row for row in table["data"]}
+    md = paths["acc_md"].read_text()
+    assert table["columns"] == md_row(md, "Method")
+    assert rows["CAL"] == md_row(md, "CAL")  # the same cells as the Markdown table
+    assert list(run_dir.glob("files/media/images/figures/acc_bars*.png"))
+
+    # disabled, or a sweep that did not log to W&B (auto): no second run
+    write_report(sweep, plots=False, wandb_mode="disabled")
+    write_report(make_sweep(tmp_path / "csv_sweep"), plots=False)
+    assert len(list((tmp_path / "wb" / "wandb").glob("offline-run-*"))) == 1
+
+
+# --------------------------------------------------------------------------- entry points
+def test_cli_and_hydra_callback(sweep, tmp_path, capsys):
+    assert cli_aggregate([str(sweep), "--out", str(tmp_path / "cli"), "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "CAL (K unknown)" in printed and "[failed]" in printed
+    assert printed.count("Accuracy (%), mean") == 1  # the table is printed once
+    (tmp_path / "empty").mkdir()
+    assert cli_aggregate([str(tmp_path / "empty"), "--no-plots"]) == 1
+
+    callback = AggregateCallback(plots=False)
+    callback.on_multirun_end(
+        OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "nope")}}})
+    )
+    capsys.readouterr()
+    copy = make_sweep(tmp_path / "copy")
+    callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(copy)}}}))
+    assert (copy / "tables" / "acc.tex").is_file()
+    assert (copy / "tables" / "diagnostics.md").is_file()
+    assert capsys.readouterr().out.count("Accuracy (%), mean") == 1
+
+
+def test_hydra_config_points_at_the_report_callback():
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "config.yaml")
+    target = config.hydra.callbacks.aggregate._target_
+    module, name = target.rsplit(".", 1)
+    assert getattr(__import__(module, fromlist=[name]), name) is AggregateCallback
+
+
+STAGES = ["naming", "collect", "validate", "summarise", "paper", "render", "plots", "tracking"]
+
+
+def test_report_stages_import_one_way():
+    """Each stage imports only stages before it (main last), so there is no import circle."""
+    package = Path(__file__).resolve().parents[1] / "owdfa_bench" / "report"
+    order = [*STAGES, "main"]
+    assert sorted(p.stem for p in package.glob("*.py")) == sorted([*order, "__init__"])
+    for position, stage in enumerate(order):
+        tree = ast.parse((package / f"{stage}.py").read_text())
+        imported = {
+            node.module.rsplit(".", 1)[-1]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("owdfa_bench.report")
+        }
+        assert imported <= set(order[:position]), (stage, imported - set(order[:position]))
+    init = ast.parse((package / "__init__.py").read_text())
+    assert not [n for n in ast.walk(init) if isinstance(n, ast.Import | ast.ImportFrom)]
