@@ -245,7 +245,8 @@ def kreciprocal_encoding(
     weights = []
     for s in range(0, n, block):
         e = s + block
-        dots = torch.bmm(x[idx[s:e]], x[s:e, :, None]).squeeze(-1)  # [B, W]
+        members = x.index_select(0, idx[s:e].reshape(-1)).view(-1, width, d)
+        dots = torch.bmm(members, x[s:e, :, None]).squeeze(-1)  # [B, W]
         logits = (2.0 * dots).masked_fill(~valid[s:e], float("-inf"))  # -(2 - 2 cos) + 2
         weights.append(torch.softmax(logits, dim=1))
     weights = torch.cat(weights)
@@ -320,9 +321,14 @@ def jaccard_pairs(
     order = torch.argsort(v.col, stable=True)
     csc_row, csc_val = rows.index_select(0, order), v.val.index_select(0, order)
     col_count = torch.bincount(v.col, minlength=n)
-    col_start = torch.cumsum(col_count, 0) - col_count
+    col_end = torch.cumsum(col_count, 0)
+    # entry e = (i, k) sits at position csc_pos[e] of column k, whose rows ascend: the rows
+    # j > i of that column follow it, so each pair i < j is met once (from its row i)
+    csc_pos = torch.empty_like(order)
+    csc_pos[order] = torch.arange(order.numel(), device=order.device)
+    later = col_end.index_select(0, v.col) - csc_pos - 1  # rows j > i sharing column k
     terms_per_row = torch.zeros(n, dtype=torch.long, device=v.col.device)
-    terms_per_row.index_add_(0, rows, col_count.index_select(0, v.col))
+    terms_per_row.index_add_(0, rows, later)
     # a > floor <=> distance 1 - a / (2 - a) < thresh; the margin keeps float ties for the exact
     # test below
     floor = 2.0 * (1.0 - thresh) / (2.0 - thresh) - 1e-6
@@ -331,10 +337,9 @@ def jaccard_pairs(
     out_i, out_j, out_d = [], [], []
     for s, e in _blocks(terms_per_row, max_terms, max_rows=max_rows):
         e0, e1 = int(v.crow[s]), int(v.crow[e])
-        cols, vals = v.col[e0:e1], v.val[e0:e1]
-        cnt = col_count.index_select(0, cols)
+        vals, cnt = v.val[e0:e1], later[e0:e1]
         total = int(cnt.sum())
-        pos = _segment_positions(col_start.index_select(0, cols), cnt, total)
+        pos = _segment_positions(csc_pos[e0:e1] + 1, cnt, total)
         contrib = torch.minimum(
             torch.repeat_interleave(vals, cnt, output_size=total), csc_val.index_select(0, pos)
         )
@@ -348,7 +353,7 @@ def jaccard_pairs(
         ii = flat.div(n, rounding_mode="floor") + s
         jj = flat.remainder(n)
         dist = (1.0 - a / (2.0 - a)).clamp_min(0.0)
-        keep = (jj > ii) & (dist < thresh) & ~((ii < num_fixed) & (jj < num_fixed))
+        keep = (dist < thresh) & ~((ii < num_fixed) & (jj < num_fixed))
         out_i.append(ii[keep])
         out_j.append(jj[keep])
         out_d.append(dist[keep])

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 # Bump whenever a change alters any output pixel: caches of other versions are rebuilt.
 GENERATOR_VERSION = "1"
 GENERATOR_NAME = "owdfa-bench synth"
-DEFAULT_STRENGTH = 2.0  # keep equal to conf/data/synth.yaml generator.strength (a test checks)
+DEFAULT_STRENGTH = 4.0  # keep equal to conf/data/synth.yaml generator.strength (a test checks)
 FAMILY_ORDER = ("REAL", "S", "R", "E", "G")
 FAMILY_NAMES = {"REAL": "Real", "S": "Swap", "R": "Reenact", "E": "Edit", "G": "Generate"}
 
