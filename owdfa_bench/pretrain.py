@@ -18,11 +18,8 @@ joblib sweep) wait on a file lock and reuse the first one's result.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -33,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from owdfa_bench import cache
 from owdfa_bench.data import synth
 from owdfa_bench.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -44,6 +42,7 @@ CORPUS_SEED_OFFSET = 7919  # identity / image seed = benchmark seed + this (othe
 CORPUS_FAMILIES = ("S", "R", "E", "G")
 _G_KINDS = ("gan", "diffusion", "latent_diffusion")
 WEIGHTS_FILE = "backbone.safetensors"
+MANIFEST_FILE = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -79,15 +78,12 @@ class PretrainSettings:
                 )
 
     def key(self) -> str:
-        text = json.dumps(
-            {
-                "pretrain_version": PRETRAIN_VERSION,
-                "generator_version": synth.GENERATOR_VERSION,
-                **asdict(self),
-            },
-            sort_keys=True,
-        )
-        return hashlib.sha256(text.encode()).hexdigest()[:10]
+        """The key in the cache folder's name `pretrain-<key>`."""
+        versions = {
+            "pretrain_version": PRETRAIN_VERSION,
+            "generator_version": synth.GENERATOR_VERSION,
+        }
+        return cache.settings_hash({**versions, **asdict(self)}, length=10)
 
 
 def settings_from_config(pretrain_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]):
@@ -222,80 +218,74 @@ def pretrain_backbone(
 
 
 def default_pretrain_root(settings: PretrainSettings) -> Path:
-    """`<synth cache base>/pretrain-<key>` (same base folder as the synthetic data)."""
-    params = synth.SynthParams(image_size=max(32, settings.image_size))
-    return synth.default_cache_root(params).parent / f"pretrain-{settings.key()}"
+    """`<cache base>/pretrain-<key>`, beside the synthetic data (`owdfa_bench.cache.cache_base`)."""
+    return cache.cache_base() / f"pretrain-{settings.key()}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_manifest(root: Path, settings: PretrainSettings) -> dict[str, Any] | None:
-    """The manifest of a complete cache entry for `settings`, or None (missing or stale)."""
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
+def cache_problem(root: Path, settings: PretrainSettings) -> str | None:
+    """Why the cache entry at `root` cannot serve `settings` (None: it can)."""
+    manifest = cache.read_json(root / MANIFEST_FILE)
+    reason = cache.stale_reason(manifest, {"settings": asdict(settings), "key": settings.key()})
+    if reason is not None:
+        return reason
     weights = root / WEIGHTS_FILE
-    if (
-        manifest.get("settings") != asdict(settings)
-        or manifest.get("key") != settings.key()
-        or not weights.is_file()
-        or manifest.get("weights_sha256") != _sha256(weights)
-    ):
-        return None
-    return manifest
+    if not weights.is_file():
+        return f"no {WEIGHTS_FILE}"
+    if manifest.get("weights_sha256") != cache.file_digest(weights):
+        return f"{WEIGHTS_FILE} does not match the SHA-256 in the manifest"
+    return None
 
 
 def ensure_pretrained(settings: PretrainSettings, root: Path | None = None) -> dict[str, Any]:
     """The cached pretrained start for `settings`, built first if missing or stale.
 
-    Returns the manifest, with `weights` set to the safetensors file.
+    Returns the manifest, with `weights` set to the safetensors file. Concurrent callers wait on
+    one lock: the first builds, the others reuse its result.
     """
-    from filelock import FileLock
+    root = Path(root) if root else default_pretrain_root(settings)
+    with cache.build_lock(root):
+        problem = cache_problem(root, settings)
+        if problem is None:
+            manifest = cache.read_json(root / MANIFEST_FILE)
+        else:
+            manifest = _build(settings, root, problem)
+    return {**manifest, "weights": str(root / WEIGHTS_FILE)}
+
+
+def _build(settings: PretrainSettings, root: Path, problem: str) -> dict[str, Any]:
+    """Render the corpus, pretrain, write weights then manifest (each atomically)."""
     from safetensors.torch import save_file
 
-    root = Path(root) if root else default_pretrain_root(settings)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root) + ".lock"):
-        manifest = read_manifest(root, settings)
-        if manifest is None:
-            t0 = time.perf_counter()
-            log.info("pretrained start: building %s (synthetic corpus, no benchmark data)", root)
-            images, labels = render_corpus(settings)
-            t_render = time.perf_counter() - t0
-            state, scores = pretrain_backbone(settings, images, labels)
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = root / (WEIGHTS_FILE + f".tmp-{os.getpid()}")
-            save_file(state, str(tmp))
-            os.replace(tmp, root / WEIGHTS_FILE)
-            manifest = {
-                "what": "owdfa-bench synthetic pretrained start (disjoint corpus, synthetic)",
-                "key": settings.key(),
-                "settings": asdict(settings),
-                "pretrain_version": PRETRAIN_VERSION,
-                "generator_version": synth.GENERATOR_VERSION,
-                "weights_sha256": _sha256(root / WEIGHTS_FILE),
-                "scores": scores,
-                "render_s": round(t_render, 1),
-                "total_s": round(time.perf_counter() - t0, 1),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-            }
-            tmp = root / f"manifest.json.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-            os.replace(tmp, root / "manifest.json")
-            log.info(
-                "pretrained start: held-out corpus accuracy %.3f, %.0f s",
-                scores["held_out_acc"],
-                manifest["total_s"],
-            )
-    return {**manifest, "weights": str(root / WEIGHTS_FILE)}
+    t0 = time.perf_counter()
+    log.info(
+        "pretrained start: building %s (%s; synthetic corpus, no benchmark data)", root, problem
+    )
+    images, labels = render_corpus(settings)
+    t_render = time.perf_counter() - t0
+    state, scores = pretrain_backbone(settings, images, labels)
+    root.mkdir(parents=True, exist_ok=True)
+    with cache.atomic_path(root / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
+    manifest = {
+        "what": "owdfa-bench synthetic pretrained start (disjoint corpus, synthetic)",
+        "key": settings.key(),
+        "settings": asdict(settings),
+        "pretrain_version": PRETRAIN_VERSION,
+        "generator_version": synth.GENERATOR_VERSION,
+        "weights_sha256": cache.file_digest(root / WEIGHTS_FILE),
+        "scores": scores,
+        "render_s": round(t_render, 1),
+        "total_s": round(time.perf_counter() - t0, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    cache.write_json_atomic(root / MANIFEST_FILE, manifest)
+    log.info(
+        "pretrained start: held-out corpus accuracy %.3f, %.0f s",
+        scores["held_out_acc"],
+        manifest["total_s"],
+    )
+    return manifest
 
 
 def resolve_pretrained_start(data_cfg: Mapping[str, Any]) -> dict[str, Any] | None:

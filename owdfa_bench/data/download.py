@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import os
 import re
 import stat
@@ -27,6 +25,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from owdfa_bench.cache import (
+    FileStamp,
+    atomic_path,
+    file_unchanged,
+    read_json,
+    write_json_atomic,
+)
 from owdfa_bench.protocols import load_registry
 
 REPO_ID = "hyzheng/OWDFA40-Benchmark"
@@ -68,7 +73,7 @@ def extracted_without_zip(root: str | os.PathLike) -> list[str]:
     root = Path(root)
     names = []
     for marker in sorted(root.glob(f"*/{MARKER_FILE}")):
-        name = json.loads(marker.read_text()).get("zip", "")
+        name = (read_json(marker) or {}).get("zip", "")
         if name and not (root / ZIP_DIR / name).exists():
             names.append(name)
     return names
@@ -93,30 +98,18 @@ def checked_members(archive: zipfile.ZipFile, target: str | os.PathLike) -> list
     return members
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def target_dir(zip_path: str | os.PathLike, root: str | os.PathLike) -> Path:
     return Path(root) / Path(zip_path).stem
 
 
 def is_extracted(zip_path: str | os.PathLike, target: str | os.PathLike) -> bool:
     """True when `target`'s marker records this very zip (size + mtime, or else SHA-256)."""
-    marker = Path(target) / MARKER_FILE
-    if not marker.is_file():
+    recorded = read_json(Path(target) / MARKER_FILE)
+    if recorded is None:  # none yet, or torn by a kill: extract (again), resuming
         return False
-    recorded = json.loads(marker.read_text())
-    st = os.stat(zip_path)
-    if recorded.get("size") != st.st_size:
-        return False
-    if recorded.get("mtime_ns") == st.st_mtime_ns:
-        return True
-    return recorded.get("sha256") == _sha256(Path(zip_path))  # touched or copied, same bytes
+    size, mtime_ns = recorded.get("size", -1), recorded.get("mtime_ns", -1)
+    # a touched or copied zip with the same bytes still counts as extracted
+    return file_unchanged(zip_path, FileStamp(size, mtime_ns, recorded.get("sha256", "")))
 
 
 @dataclass
@@ -152,23 +145,26 @@ def extract_zip(
                     on_bytes(info.file_size)
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
-            partial = dest.with_name(dest.name + ".partial")
-            with archive.open(info) as src, open(partial, "wb") as out:  # CRC checked at EOF
+            # `out` closes before `atomic_path` renames; the zip's CRC is checked at EOF
+            with (
+                atomic_path(dest) as partial,
+                archive.open(info) as src,
+                open(partial, "wb") as out,
+            ):
                 while block := src.read(1 << 20):
                     out.write(block)
                     if on_bytes:
                         on_bytes(len(block))
-            os.replace(partial, dest)
             result.written += 1
-    st = os.stat(zip_path)
+    stamp = FileStamp.of(zip_path, "sha256")
     marker = {
         "zip": zip_path.name,
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "sha256": _sha256(zip_path),
+        "size": stamp.size,
+        "mtime_ns": stamp.mtime_ns,
+        "sha256": stamp.digest,
         "members": len(members),
     }
-    (target / MARKER_FILE).write_text(json.dumps(marker, indent=2))
+    write_json_atomic(target / MARKER_FILE, marker, indent=2)
     return result
 
 

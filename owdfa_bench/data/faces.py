@@ -33,7 +33,6 @@ import argparse
 import csv
 import hashlib
 import importlib.util
-import json
 import logging
 import multiprocessing
 import os
@@ -45,6 +44,15 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from owdfa_bench.cache import (
+    FileStamp,
+    atomic_path,
+    build_lock,
+    read_json,
+    stale_reason,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -319,31 +327,21 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict[str, dict[str, str]]:
 
 
 def write_manifest(cache_dir: str | os.PathLike, entries: Iterable[dict]) -> None:
-    path = Path(cache_dir) / MANIFEST_FILE
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    """The compacted manifest (one line per source, sorted), replacing the old one atomically."""
+    with atomic_path(Path(cache_dir) / MANIFEST_FILE) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
         writer.writeheader()
         for entry in sorted(entries, key=lambda e: e["source"]):
             writer.writerow({k: entry[k] for k in MANIFEST_FIELDS})
-    os.replace(tmp, path)
 
 
 def _read_info(cache_dir: Path) -> dict | None:
-    path = cache_dir / INFO_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(cache_dir / INFO_FILE)
 
 
 def _stat_matches(entry: dict, st: os.stat_result) -> bool:
-    return int(entry["size"]) == st.st_size and int(entry["mtime_ns"]) == st.st_mtime_ns
-
-
-def _sha1(path: str) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Whether a manifest entry's recorded size and mtime are the source's current ones."""
+    return FileStamp(int(entry["size"]), int(entry["mtime_ns"])).matches_stat(st)
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,16 +367,15 @@ def crop_to_cache(
     entry = dict.fromkeys(MANIFEST_FIELDS, "")
     entry.update(source=key, cache_file=cache_file, face_found="0")
     try:
-        st = os.stat(source)
-        sha1 = _sha1(source)
+        stamp = FileStamp.of(source, "sha1")
     except OSError:
         entry.update(size="-1", mtime_ns="-1", status="missing")
         return entry
-    entry.update(size=str(st.st_size), mtime_ns=str(st.st_mtime_ns), sha1=sha1)
+    entry.update(size=str(stamp.size), mtime_ns=str(stamp.mtime_ns), sha1=stamp.digest)
     if (
         previous
         and previous.get("status") == "ok"
-        and previous.get("sha1") == sha1
+        and previous.get("sha1") == stamp.digest
         and os.path.isfile(out)
     ):
         return {**previous, "size": entry["size"], "mtime_ns": entry["mtime_ns"]}
@@ -389,9 +386,8 @@ def crop_to_cache(
     height, width = image.shape[:2]
     crop, box, found = crop_face_bgr(image, detector, predictor, settings.margin)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}"
-    resize_square(crop, settings.image_size).save(tmp, **CACHE_FORMATS[settings.cache_format])
-    os.replace(tmp, out)  # a killed prepare never leaves a half-written crop behind
+    with atomic_path(out) as tmp:  # a killed prepare never leaves a half-written crop
+        resize_square(crop, settings.image_size).save(tmp, **CACHE_FORMATS[settings.cache_format])
     entry.update(
         status="ok",
         face_found=str(int(found)),
@@ -517,13 +513,30 @@ def prepare_face_cache(
         )
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
+    with build_lock(cache):  # two prepares of one cache would drop each other's manifest lines
+        return _prepare_locked(
+            sources, root, cache, settings, workers, chunksize, predictor_path, progress
+        )
+
+
+def _prepare_locked(
+    sources: Sequence[str],
+    root: str | os.PathLike | None,
+    cache: Path,
+    settings: CropSettings,
+    workers: int,
+    chunksize: int,
+    predictor_path: str | None,
+    progress: bool,
+) -> PrepareReport:
     info = _read_info(cache)
     if info is not None and info != settings.info():
+        reason = stale_reason(info, settings.info()) or "other keys"
         raise ValueError(
-            f"the cache at {cache} was built with {info}, not {settings.info()}; "
+            f"the cache at {cache} was built with {info}, not {settings.info()} ({reason}); "
             "delete it or set data.cache_dir to another folder"
         )
-    (cache / INFO_FILE).write_text(json.dumps(settings.info(), indent=2))
+    write_json_atomic(cache / INFO_FILE, settings.info(), indent=2)
     manifest = read_manifest(cache)
     report = PrepareReport(str(cache), workers=max(1, workers))
     keys, tasks = [], []
@@ -585,7 +598,7 @@ def prepare_face_cache(
         else:
             report.no_face += 1
     report_dict = {**asdict(report), "images_per_second": report.images_per_second}
-    (cache / REPORT_FILE).write_text(json.dumps(report_dict, indent=2))
+    write_json_atomic(cache / REPORT_FILE, report_dict, indent=2)
     return report
 
 

@@ -27,14 +27,12 @@ The output is synthetic: results on it say nothing about real deepfakes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
@@ -43,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from owdfa_bench import cache
 from owdfa_bench.data import synth_render as sr
 from owdfa_bench.protocols import load_registry as load_protocol_file
 
@@ -51,6 +50,7 @@ log = logging.getLogger(__name__)
 # Bump whenever a change alters any output pixel: caches of other versions are rebuilt.
 GENERATOR_VERSION = "1"
 GENERATOR_NAME = "owdfa-bench synth"
+MANIFEST_FILE = "manifest.json"
 DEFAULT_STRENGTH = 4.0  # keep equal to conf/data/synth.yaml generator.strength (a test checks)
 FAMILY_ORDER = ("REAL", "S", "R", "E", "G")
 FAMILY_NAMES = {"REAL": "Real", "S": "Swap", "R": "Reenact", "E": "Edit", "G": "Generate"}
@@ -148,8 +148,8 @@ class SynthParams:
         return d
 
     def short_hash(self) -> str:
-        text = json.dumps({"version": GENERATOR_VERSION, **self.to_dict()}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:10]
+        """The key in the cache folder's name `synth-<key>` (existing caches are found by it)."""
+        return cache.settings_hash({"version": GENERATOR_VERSION, **self.to_dict()}, length=10)
 
 
 @dataclass(frozen=True)
@@ -480,7 +480,7 @@ def render_jobs(
             data = sr.encode_png(render_sample(cls, int(folder_no), i, params).image)
             rel = f"{folder}/{i:05d}.png"
             (Path(out_root) / rel).write_bytes(data)
-            rows.append((rel, hashlib.sha256(data).hexdigest(), len(data)))
+            rows.append((rel, cache.content_sha256(data), len(data)))
     return rows
 
 
@@ -548,16 +548,12 @@ def manifest_hash(params: Mapping[str, Any], files: Iterable[tuple[str, str]]) -
         "parameters": dict(params),
         "files": sorted([list(f) for f in files]),
     }
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return cache.settings_hash(body, compact=True)
 
 
 def _read_manifest(root: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((root / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("generator") == GENERATOR_NAME else None
+    data = cache.read_json(root / MANIFEST_FILE)
+    return data if data is not None and data.get("generator") == GENERATOR_NAME else None
 
 
 def _check_replaceable(root: Path) -> None:
@@ -591,8 +587,8 @@ def generate_synth_dataset(
     _check_replaceable(root)
     classes = load_registry()
     root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(root)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    cache.remove_stale_temporaries(root)
+    tmp = cache.temporary_sibling(root)
     t0 = time.perf_counter()
     try:
         for cls in classes:
@@ -622,8 +618,10 @@ def generate_synth_dataset(
             "manifest_sha256": manifest_hash(params.to_dict(), [(p, h) for p, h, _ in rows]),
             "files": [{"path": p, "sha256": h, "bytes": n} for p, h, n in rows],
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        _move_into_place(tmp, root)
+        cache.write_json_atomic(tmp / MANIFEST_FILE, manifest)
+        if root.exists():
+            _check_replaceable(root)  # again: another process may have put something there
+        cache.move_dir_into_place(tmp, root, keep_theirs=_same_synth_data)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -639,34 +637,10 @@ def _environment() -> dict[str, str]:
     return {"numpy": np.__version__, "opencv": cv2.__version__}
 
 
-def _remove_stale_temporaries(root: Path, age_s: float = 3600.0) -> None:
-    """Delete temporary folders of generations killed more than an hour ago (younger ones may
-    belong to a generation still running in another process)."""
-    for pattern in (f".{root.name}.tmp-*", f".{root.name}.old-*"):
-        for path in root.parent.glob(pattern):
-            try:
-                if time.time() - path.stat().st_mtime > age_s:
-                    shutil.rmtree(path, ignore_errors=True)
-            except OSError:
-                pass
-
-
-def _move_into_place(tmp: Path, root: Path) -> None:
-    old = None
-    if root.exists():
-        _check_replaceable(root)
-        old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
-        root.rename(old)
-    try:
-        tmp.rename(root)
-    except OSError:
-        # another process finished first: keep its cache if it is the same data
-        theirs, ours = _read_manifest(root), _read_manifest(tmp)
-        if not (theirs and ours and theirs["manifest_sha256"] == ours["manifest_sha256"]):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _same_synth_data(theirs: Path, ours: Path) -> bool:
+    """Whether another process's finished cache holds the same data as ours (then keep it)."""
+    a, b = _read_manifest(theirs), _read_manifest(ours)
+    return bool(a and b and a["manifest_sha256"] == b["manifest_sha256"])
 
 
 def synth_params_from_config(data_cfg: Mapping[str, Any]) -> SynthParams:
@@ -682,12 +656,8 @@ def synth_params_from_config(data_cfg: Mapping[str, Any]) -> SynthParams:
 
 
 def default_cache_root(params: SynthParams) -> Path:
-    """`$OWDFA_BENCH_CACHE/synth-<hash>`, else `$XDG_CACHE_HOME` or `~/.cache`/owdfa-bench/..."""
-    base = os.environ.get("OWDFA_BENCH_CACHE")
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        base = str(Path(xdg) / "owdfa-bench")
-    return Path(base).expanduser() / f"synth-{params.short_hash()}"
+    """`<cache base>/synth-<hash of the parameters>` (base: `owdfa_bench.cache.cache_base`)."""
+    return cache.cache_base() / f"synth-{params.short_hash()}"
 
 
 def cache_problem(root: Path, params: SynthParams) -> str | None:
@@ -697,24 +667,16 @@ def cache_problem(root: Path, params: SynthParams) -> str | None:
     manifest = _read_manifest(root)
     if manifest is None:
         return "no readable synth manifest.json"
-    if manifest.get("generator_version") != GENERATOR_VERSION:
-        return f"generator version {manifest.get('generator_version')} != {GENERATOR_VERSION}"
-    if manifest.get("parameters") != params.to_dict():
-        return f"parameters {manifest.get('parameters')} != requested {params.to_dict()}"
+    expected = {"generator_version": GENERATOR_VERSION, "parameters": params.to_dict()}
+    reason = cache.stale_reason(manifest, expected)
+    if reason is not None:
+        return reason
     files = manifest.get("files") or []
     if manifest_hash(params.to_dict(), [(f["path"], f["sha256"]) for f in files]) != manifest.get(
         "manifest_sha256"
     ):
         return "manifest_sha256 does not match its file list"
-    listed = {f["path"]: f["bytes"] for f in files}
-    on_disk = {p.relative_to(root).as_posix() for p in root.glob("*/*.png")}
-    if on_disk != set(listed):
-        missing, extra = set(listed) - on_disk, on_disk - set(listed)
-        return f"{len(missing)} listed files missing, {len(extra)} unlisted files present"
-    for rel, size in listed.items():
-        if (root / rel).stat().st_size != size:
-            return f"{rel} has the wrong size"
-    return None
+    return cache.files_problem(root, {f["path"]: f["bytes"] for f in files}, "*/*.png")
 
 
 def _check_budgets(data_cfg: Mapping[str, Any], params: SynthParams) -> None:
@@ -738,12 +700,15 @@ def ensure_synth_dataset(data_cfg: Mapping[str, Any]) -> Path:
     _check_budgets(data_cfg, params)
     root_cfg = data_cfg.get("root")
     root = Path(str(root_cfg)).expanduser() if root_cfg else default_cache_root(params)
-    problem = cache_problem(root, params)
-    if problem is None:
-        log.info("synth: reusing cache %s (synthetic data)", _display(root))
-        return root
-    log.info("synth: building cache %s: %s", _display(root), problem)
-    return generate_synth_dataset(root, **params.to_dict())
+    # checked first without the lock, so a complete cache on a read-only disk is still used
+    if cache_problem(root, params) is not None:
+        with cache.build_lock(root):
+            problem = cache_problem(root, params)  # another run may have built it meanwhile
+            if problem is not None:
+                log.info("synth: building cache %s: %s", _display(root), problem)
+                return generate_synth_dataset(root, **params.to_dict())
+    log.info("synth: reusing cache %s (synthetic data)", _display(root))
+    return root
 
 
 def _display(path: Path) -> str:
