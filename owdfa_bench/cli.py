@@ -1,4 +1,5 @@
-"""`owdfa-bench <command>`: the tools around training (training itself is `python run.py`)."""
+"""`owdfa-bench <command>`: training (`train`, the same as `python run.py` in a checkout) and the
+tools around it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import sys
 
 # command -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS = {
+    "train": (
+        "owdfa_bench.train",
+        "cli_train",
+        "train one cell, or a sweep with -m: Hydra overrides as for python run.py",
+    ),
     "aggregate": (
         "owdfa_bench.report.main",
         "cli_aggregate",
@@ -38,7 +44,7 @@ COMMANDS = {
 def usage() -> str:
     lines = ["usage: owdfa-bench <command> [args]", "", "commands:"]
     lines += [f"  {name:<14} {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "Training and sweeps: python run.py [overrides]  (see README)"]
+    lines += ["", "owdfa-bench train --help lists the config groups and Hydra's options."]
     return "\n".join(lines)
 
 

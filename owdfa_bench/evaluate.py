@@ -37,9 +37,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from owdfa_bench.resources import conf_dir
+
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = conf_dir()
 
 # reference key prefix -> our key prefix (methods/cal.py: CAL attributes)
 REFERENCE_PREFIXES = (

@@ -6,11 +6,12 @@ The YAML files in `protocols/` are the single source; this module only loads and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 
-PROTOCOLS_DIR = Path(__file__).resolve().parent.parent / "protocols"
+from owdfa_bench.resources import protocols_dir
+
+PROTOCOLS_DIR = protocols_dir()
 
 
 @dataclass(frozen=True)

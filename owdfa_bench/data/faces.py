@@ -53,6 +53,7 @@ from owdfa_bench.cache import (
     stale_reason,
     write_json_atomic,
 )
+from owdfa_bench.resources import conf_dir
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ MANIFEST_FIELDS = (
     "height",
     "cache_file",
 )
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = conf_dir()
 
 
 # --------------------------------------------------------------------------------------------
@@ -707,7 +708,7 @@ def compose_config(overrides: Sequence[str], config_dir: str | os.PathLike | Non
     conf = Path(config_dir or CONF_DIR).expanduser().resolve()
     if not (conf / "config.yaml").is_file():
         raise FileNotFoundError(
-            f"no config.yaml in {conf}; run from a checkout of owdfa-bench or pass --config-dir"
+            f"no config.yaml in {conf}; pass --config-dir a folder holding config.yaml"
         )
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()

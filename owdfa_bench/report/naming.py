@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from owdfa_bench import resources
+
 CELL = ["method", "protocol", "k"]
 MIN_SEEDS = 3  # cells with fewer complete seeds get a dagger in the tables
 TEST_SELECTED = "best_on_test"  # the only selection rule whose numbers are marked
@@ -35,7 +37,7 @@ NOT_SIGNIFICANT = "\u2248"  # --ci: not significantly different from the best ro
 PM = "\u00b1"
 SYNTHETIC_NOTE = "synthetic data, not real deepfakes"
 
-METHOD_CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "method"
+METHOD_CONF_DIR = resources.conf_dir() / "method"
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from owdfa_bench import resources
 from owdfa_bench.report.collect import METRIC_ORDER
 from owdfa_bench.report.naming import CELL, protocol_key
 
-PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
+PAPER_DIR = resources.paper_dir()
 # Which published table goes beside which benchmark under --compare-paper.
 PAPER_TABLES = {
     "owdfa40": ("owdfa40_cal_table2.csv", "CAL Table 2 on OWDFA-40"),
@@ -30,8 +31,8 @@ def load_paper_numbers(paper_dir: str | Path | None = None) -> pd.DataFrame:
     files = sorted(folder.glob("*.csv"))
     if not files:
         raise FileNotFoundError(
-            f"no published numbers in {folder}: --compare-paper needs results/paper/*.csv from "
-            "the owdfa-bench repository (install it with `pip install -e .`)"
+            f"no published numbers in {folder}: --compare-paper needs the *.csv files of "
+            "results/paper/ (shipped with the package; reinstall owdfa-bench)"
         )
     frames = [pd.read_csv(f).assign(file=f.name) for f in files]
     return pd.concat(frames, ignore_index=True)
