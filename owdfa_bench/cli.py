@@ -33,6 +33,11 @@ COMMANDS = {
         "cli_download",
         "fetch and unpack the OWDFA-40 release",
     ),
+    "fetch-weights": (
+        "owdfa_bench.weights",
+        "cli_fetch_weights",
+        "download the paper's ImageNet weights once, for machines without internet",
+    ),
     "prepare": (
         "owdfa_bench.data.faces",
         "cli_prepare",
