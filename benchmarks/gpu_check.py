@@ -109,11 +109,9 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from owdfa_bench.config import compose_config
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def _to_bmp(job: tuple[str, str]) -> None:
@@ -404,9 +402,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from owdfa_bench.runner import set_threads
 
     cfg = compose(args.overrides)
-    set_threads(cfg.trainer.get("threads"))
+    set_threads(cfg.trainer.threads)
     t0 = time.perf_counter()
-    splits = build_splits(cfg)
+    splits = build_splits(cfg.data, cfg.protocol)
     result: dict[str, Any] = {
         "settings": {
             "method": str(cfg.method.name),

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch
+from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, extract_state_dict
 from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead, custom_avg_pool2d
 
 # ----------------------------------------------------------------------------- DCT
@@ -370,7 +370,6 @@ class CAL(OWDFAMethod):
         gamma: float = 0.9,
         coverage: float = 0.9544,
         prototypes_per_known: int = 10,
-        plot_k_curve: bool = False,
     ):
         super().__init__(problem, optim)
         self.student_temp = float(student_temp)
@@ -379,7 +378,6 @@ class CAL(OWDFAMethod):
         self.pseudo_start_epoch = int(pseudo_start_epoch)
         self.gamma = float(gamma)
         self.coverage = float(coverage)
-        self.plot_k_curve = bool(plot_k_curve)
         self.prune = problem.k_mode == "unknown"
         # known K: the true total (the reference's oracle --model_num_classes 41);
         # unknown K: 10 x K_k prototypes, pruned by DPP (train.py --enable_proto_pruning)
@@ -471,17 +469,20 @@ class CAL(OWDFAMethod):
         checkpoint["cal_k_curve"] = list(self.k_curve)
 
     def record_extras(self) -> dict:
+        # the report draws the K curve from here (owdfa_bench/report/plots.py)
         return {"k_curve": list(self.k_curve)} if self.k_curve else {}
+
+    def load_reference_checkpoint(
+        self, state_dict: dict[str, torch.Tensor], num_active: int | None = None
+    ) -> dict[str, Any] | None:
+        """An official CAL checkpoint (section below) loaded into this model, or None."""
+        if not is_cal_reference_state_dict(state_dict):
+            return None
+        return load_cal_reference_state_dict(self, state_dict, num_active)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.k_curve = list(checkpoint.get("cal_k_curve", []))
-
-    def on_fit_end(self) -> None:
-        if self.plot_k_curve and self.k_curve and self._trainer is not None:
-            save_k_curve_plot(
-                self.k_curve, self.problem.num_known, f"{self.trainer.default_root_dir}/k_curve.png"
-            )
 
     def update_threshold(self) -> None:
         """theta_novel from this epoch's (rank-summed) confidence statistics."""
@@ -517,19 +518,145 @@ class CAL(OWDFAMethod):
         return trainer.strategy.reduce(t.to(self.device), reduce_op="sum").to(t.device)
 
 
-def save_k_curve_plot(counts: Sequence[int], num_known: int, path: str) -> None:
-    """PNG of the active prototype count after each epoch (only with `plot_k_curve: true`)."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+# ----------------------------------------------------------------------------- official checkpoints
+# The official CAL release (https://huggingface.co/hyzheng/OWDFA_CAL, Lightning 2.2.5) stores
+# `encoder.encoder.<timm resnet50>`, `encoder.fft_attn_module.*`, `encoder.bottleneck.*` and
+# `encoder.fc2`; these map them onto the attributes of `CAL` (k=known for the 41-prototype
+# checkpoints, k=unknown for the 10 x K_k DPP ones). The reference does not save how many
+# prototypes DPP left active, so its own eval-only script scores all rows; `num_active` (the
+# count its training log reports) restores ours. `owdfa-bench evaluate` reaches this through
+# `CAL.load_reference_checkpoint`.
+# reference key prefix -> our key prefix (CAL attributes above)
+REFERENCE_PREFIXES = (
+    ("encoder.encoder.", "encoder.backbone."),
+    ("encoder.fft_attn_module.", "freq_attention."),
+    ("encoder.bottleneck.", "encoder.neck."),
+)
+REFERENCE_HEAD = ("encoder.fc2", "head.weight")
+REFERENCE_IGNORED_PREFIX = "encoder.encoder.fc."  # timm's ImageNet classifier, never used by CAL
+# our state that the reference does not store: filled by the loader, not read from the file
+OURS_NOT_IN_REFERENCE = ("head.num_active", "novel_threshold")
 
-    fig, ax = plt.subplots(figsize=(4, 3))
-    ax.plot(range(len(counts)), counts, marker="o")
-    ax.axhline(num_known, color="grey", linestyle="--", label="known classes")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("active prototypes (K estimate)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+def is_cal_reference_state_dict(state: dict[str, torch.Tensor]) -> bool:
+    """True for the official CAL layout (with or without the LightningModule's `encoder.`)."""
+    return "encoder.fc2" in state or (
+        "fc2" in state and "fft_attn_module.freq_attn_net.0.weight" in state
+    )
+
+
+def _with_lightning_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A bare `CAL_Classifier.state_dict()` gets the `encoder.` prefix of the LightningModule."""
+    if "encoder.fc2" in state:
+        return state
+    return {f"encoder.{k}": v for k, v in state.items()}
+
+
+def map_cal_reference_keys(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """(state under our key names, ignored reference keys, unexpected reference keys)."""
+    mapped: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    unexpected: list[str] = []
+    for key, value in _with_lightning_prefix(state).items():
+        if key.startswith(REFERENCE_IGNORED_PREFIX):
+            ignored.append(key)
+        elif key == REFERENCE_HEAD[0]:
+            mapped[REFERENCE_HEAD[1]] = value
+        else:
+            for ref, ours in REFERENCE_PREFIXES:
+                if key.startswith(ref):
+                    mapped[ours + key[len(ref) :]] = value
+                    break
+            else:
+                unexpected.append(key)
+    return mapped, ignored, unexpected
+
+
+def _reference_name(our_key: str) -> str:
+    if our_key == REFERENCE_HEAD[1]:
+        return REFERENCE_HEAD[0]
+    for ref, ours in REFERENCE_PREFIXES:
+        if our_key.startswith(ours):
+            return ref + our_key[len(ours) :]
+    return our_key
+
+
+def _listing(keys: list[str], limit: int = 20) -> str:
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_cal_reference_state_dict(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], num_active: int | None = None
+) -> dict[str, Any]:
+    """Load an official CAL checkpoint's state dict into `methods.cal.CAL`; returns a report.
+
+    Raises ValueError naming every missing, unexpected or mis-shaped key. `num_active`: how many
+    prototypes are live (unknown-K checkpoints do not record it); None keeps all rows, which is
+    what the reference's own evaluation script scores.
+    """
+    state_dict = extract_state_dict(state_dict)
+    mapped, ignored, unexpected = map_cal_reference_keys(state_dict)
+    ours = model.state_dict()
+    missing = sorted(k for k in ours if k not in mapped and k not in OURS_NOT_IN_REFERENCE)
+    unexpected += sorted(k for k in mapped if k not in ours)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(
+                "missing reference keys: " + _listing([_reference_name(k) for k in missing])
+            )
+        if unexpected:
+            parts.append("unexpected keys: " + _listing(unexpected))
+        raise ValueError(
+            "the checkpoint does not match the CAL model built from the config ("
+            + "; ".join(parts)
+            + "); check method=cal and data.backbone.name "
+            "(the release uses resnet50)"
+        )
+    rows = mapped[REFERENCE_HEAD[1]].shape[0]
+    expected_rows = ours[REFERENCE_HEAD[1]].shape[0]
+    if rows != expected_rows:
+        raise ValueError(
+            f"encoder.fc2 has {rows} prototypes but the model built from the config has "
+            f"{expected_rows}: the released known-K checkpoints have 41 rows (k=known on "
+            "OWDFA-40), the unknown-K (DPP) ones 10 x the known classes (k=unknown)"
+        )
+    wrong = [
+        f"{_reference_name(k)} {tuple(v.shape)} vs ours {tuple(ours[k].shape)}"
+        for k, v in mapped.items()
+        if v.shape != ours[k].shape
+    ]
+    if wrong:
+        raise ValueError("shape mismatch: " + "; ".join(wrong))
+    if num_active is not None and not getattr(model, "prune", False):
+        raise ValueError(
+            "--num-active is for unknown-K (DPP) checkpoints; with k=known every "
+            f"one of the {rows} prototypes is live"
+        )
+    if num_active is None:
+        active, source = rows, "all rows (the checkpoint does not record the active count)"
+    else:
+        num_known = int(model.problem.num_known)
+        if not num_known <= num_active <= rows:
+            raise ValueError(
+                f"--num-active={num_active} must lie in [{num_known}, {rows}] "
+                f"(known classes .. prototypes in the checkpoint)"
+            )
+        active, source = int(num_active), "user (--num-active)"
+    full = dict(mapped)
+    for key in OURS_NOT_IN_REFERENCE:
+        full[key] = ours[key]
+    model.load_state_dict(full, strict=True)
+    model.head.set_active(active)
+    return {
+        "format": "cal_reference",
+        "mapped_keys": len(mapped),
+        "ignored_keys": ignored,
+        "num_prototypes": rows,
+        "num_active": active,
+        "num_active_source": source,
+    }

@@ -4,30 +4,23 @@
     e.g. owdfa-bench evaluate --ckpt wok_protocol1_seed2025.ckpt --num-active 58 \
              data=owdfa40 data.root=/data/OWDFA40 protocol=p1 method=cal k=unknown
 
-Two checkpoint formats are accepted:
-  * ours: a Lightning checkpoint written by the harness (`<run>/checkpoints/last.ckpt`); its
-    state dict matches the model `method=... k=...` builds, prototype count included;
-  * an official CAL release (https://huggingface.co/hyzheng/OWDFA_CAL, Lightning 2.2.5): its
-    `state_dict` keys are `encoder.encoder.<timm resnet50>`, `encoder.fft_attn_module.*`,
-    `encoder.bottleneck.*` and `encoder.fc2`; `load_cal_reference_state_dict` maps them onto
-    `methods.cal.CAL` (`method=cal`; `k=known` for the 41-prototype checkpoints, `k=unknown` for
-    the 10 x K_k DPP ones).
-
-The reference does not save how many prototypes DPP left active (methods.md quirk 19), so its
-own eval-only script scores all 10 x K_k rows, zeroed and drifted pruned rows included. For such
-a checkpoint give `--num-active` (the count the training log reports); the record then holds our
-evaluation with that many prototypes and, beside it under `reference_all_rows`, what the
-reference's script computes. Without `--num-active` only the all-rows figure can be computed.
+The data, the model and the Trainer come from the same config tree and functions as training
+(`owdfa_bench.runner`), and the test split is scored by `trainer.validate` through the method's
+own evaluation, so precision, device and channels-last are those of `trainer=...`. Two formats
+are accepted: ours (a Lightning checkpoint written by the harness, `<run>/checkpoints/last.ckpt`,
+whose state dict matches the model `method=... k=...` builds), and the layout of a method's
+official code release when the method can read it (`OWDFAMethod.load_reference_checkpoint`;
+CAL's, methods/cal.py). For a prototype head with fewer live rows than rows (an unknown-K
+checkpoint that does not record its count, given `--num-active`), the record also holds, under
+`reference_all_rows`, the evaluation with every row live (what CAL's own eval script scores).
 
 Checkpoints are read with `torch.load(..., weights_only=True)`: no code in the file runs. The
-data come from the same functions as training (`owdfa_bench.runner`, `owdfa_bench.data`); the
 backbone is built without downloading ImageNet weights, since the checkpoint replaces them.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 import time
@@ -35,284 +28,119 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from owdfa_bench.resources import conf_dir
+from owdfa_bench.config import check_config, compose_config
 
 log = logging.getLogger(__name__)
-
-CONF_DIR = conf_dir()
-
-# reference key prefix -> our key prefix (methods/cal.py: CAL attributes)
-REFERENCE_PREFIXES = (
-    ("encoder.encoder.", "encoder.backbone."),
-    ("encoder.fft_attn_module.", "freq_attention."),
-    ("encoder.bottleneck.", "encoder.neck."),
-)
-REFERENCE_HEAD = ("encoder.fc2", "head.weight")
-REFERENCE_IGNORED_PREFIX = "encoder.encoder.fc."  # timm's ImageNet classifier, never used by CAL
-# our state that the reference does not store: filled by the loader, not read from the file
-OURS_NOT_IN_REFERENCE = ("head.num_active", "novel_threshold")
-
-
-def extract_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensor state dict of a Lightning checkpoint (or of a bare state dict)."""
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"expected a checkpoint dict, got {type(checkpoint).__name__}")
-    state = checkpoint.get("state_dict", checkpoint)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(
-            "the checkpoint holds no tensor state dict (no 'state_dict' entry and "
-            "its top level is not one)"
-        )
-    return state
-
-
-def is_cal_reference_state_dict(state: dict[str, torch.Tensor]) -> bool:
-    """True for the official CAL layout (with or without the LightningModule's `encoder.`)."""
-    return "encoder.fc2" in state or (
-        "fc2" in state and "fft_attn_module.freq_attn_net.0.weight" in state
-    )
-
-
-def _with_lightning_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A bare `CAL_Classifier.state_dict()` gets the `encoder.` prefix of the LightningModule."""
-    if "encoder.fc2" in state:
-        return state
-    return {f"encoder.{k}": v for k, v in state.items()}
-
-
-def map_cal_reference_keys(
-    state: dict[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
-    """(state under our key names, ignored reference keys, unexpected reference keys)."""
-    mapped: dict[str, torch.Tensor] = {}
-    ignored: list[str] = []
-    unexpected: list[str] = []
-    for key, value in _with_lightning_prefix(state).items():
-        if key.startswith(REFERENCE_IGNORED_PREFIX):
-            ignored.append(key)
-        elif key == REFERENCE_HEAD[0]:
-            mapped[REFERENCE_HEAD[1]] = value
-        else:
-            for ref, ours in REFERENCE_PREFIXES:
-                if key.startswith(ref):
-                    mapped[ours + key[len(ref) :]] = value
-                    break
-            else:
-                unexpected.append(key)
-    return mapped, ignored, unexpected
-
-
-def _reference_name(our_key: str) -> str:
-    if our_key == REFERENCE_HEAD[1]:
-        return REFERENCE_HEAD[0]
-    for ref, ours in REFERENCE_PREFIXES:
-        if our_key.startswith(ours):
-            return ref + our_key[len(ours) :]
-    return our_key
-
-
-def _listing(keys: list[str], limit: int = 20) -> str:
-    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def load_cal_reference_state_dict(
-    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], num_active: int | None = None
-) -> dict[str, Any]:
-    """Load an official CAL checkpoint's state dict into `methods.cal.CAL`; returns a report.
-
-    Raises ValueError naming every missing, unexpected or mis-shaped key. `num_active`: how many
-    prototypes are live (unknown-K checkpoints do not record it); None keeps all rows, which is
-    what the reference's own evaluation script scores.
-    """
-    state_dict = extract_state_dict(state_dict)
-    mapped, ignored, unexpected = map_cal_reference_keys(state_dict)
-    ours = model.state_dict()
-    missing = sorted(k for k in ours if k not in mapped and k not in OURS_NOT_IN_REFERENCE)
-    unexpected += sorted(k for k in mapped if k not in ours)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(
-                "missing reference keys: " + _listing([_reference_name(k) for k in missing])
-            )
-        if unexpected:
-            parts.append("unexpected keys: " + _listing(unexpected))
-        raise ValueError(
-            "the checkpoint does not match the CAL model built from the config ("
-            + "; ".join(parts)
-            + "); check method=cal and data.backbone.name "
-            "(the release uses resnet50)"
-        )
-    rows = mapped[REFERENCE_HEAD[1]].shape[0]
-    expected_rows = ours[REFERENCE_HEAD[1]].shape[0]
-    if rows != expected_rows:
-        raise ValueError(
-            f"encoder.fc2 has {rows} prototypes but the model built from the config has "
-            f"{expected_rows}: the released known-K checkpoints have 41 rows (k=known on "
-            "OWDFA-40), the unknown-K (DPP) ones 10 x the known classes (k=unknown)"
-        )
-    wrong = [
-        f"{_reference_name(k)} {tuple(v.shape)} vs ours {tuple(ours[k].shape)}"
-        for k, v in mapped.items()
-        if v.shape != ours[k].shape
-    ]
-    if wrong:
-        raise ValueError("shape mismatch: " + "; ".join(wrong))
-    if num_active is not None and not getattr(model, "prune", False):
-        raise ValueError(
-            "--num-active is for unknown-K (DPP) checkpoints; with k=known every "
-            f"one of the {rows} prototypes is live"
-        )
-    if num_active is None:
-        active, source = rows, "all rows (the checkpoint does not record the active count)"
-    else:
-        num_known = int(model.problem.num_known)
-        if not num_known <= num_active <= rows:
-            raise ValueError(
-                f"--num-active={num_active} must lie in [{num_known}, {rows}] "
-                f"(known classes .. prototypes in the checkpoint)"
-            )
-        active, source = int(num_active), "user (--num-active)"
-    full = dict(mapped)
-    for key in OURS_NOT_IN_REFERENCE:
-        full[key] = ours[key]
-    model.load_state_dict(full, strict=True)
-    model.head.set_active(active)
-    return {
-        "format": "cal_reference",
-        "mapped_keys": len(mapped),
-        "ignored_keys": ignored,
-        "num_prototypes": rows,
-        "num_active": active,
-        "num_active_source": source,
-    }
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
-@torch.no_grad()
-def predict(model, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs of `model.predict_logits` and labels over a loader, model in eval mode."""
-    model.eval()
-    outputs, targets = [], []
-    for batch in loader:
-        outputs.append(model.predict_logits(batch["image"]).float().cpu())
-        targets.append(batch["y"].cpu())
-    return torch.cat(outputs), torch.cat(targets)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+SUMMARY_KEYS = ("metrics", "num_clusters", "k_estimated", "per_class_acc", "confusion")
 
 
 def _summary(evaluation: dict[str, Any]) -> dict[str, Any]:
-    keep = ("metrics", "num_clusters", "k_estimated", "per_class_acc", "confusion")
-    return {k: evaluation[k] for k in keep if k in evaluation}
+    return {k: evaluation[k] for k in SUMMARY_KEYS if k in evaluation}
+
+
+def load_checkpoint(model, ckpt_path: Path, num_active: int | None) -> dict[str, Any]:
+    """Load `ckpt_path` into `model` (the method's reference layout, else ours); a report."""
+    from owdfa_bench.method import extract_state_dict
+
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = extract_state_dict(checkpoint)
+    report = model.load_reference_checkpoint(state, num_active)
+    if report is not None:
+        return report
+    if num_active is not None:
+        raise ValueError(
+            "--num-active is for an official checkpoint that does not record its active "
+            "prototypes; the harness's checkpoints store their count"
+        )
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{ckpt_path.name} does not match the model the config builds: missing keys "
+            f"{result.missing_keys}, unexpected keys {result.unexpected_keys}; check method=, "
+            "k= and data.backbone.name"
+        )
+    return {"format": "owdfa_bench", "mapped_keys": len(state)}
 
 
 def evaluate_checkpoint(
     cfg: DictConfig, ckpt_path: str | Path, num_active: int | None = None
 ) -> dict[str, Any]:
-    """Build data and model from `cfg`, load the checkpoint, evaluate the test split."""
-    from owdfa_bench.records import config_hash, git_commit, package_versions
-    from owdfa_bench.runner import build_datamodule, build_method, device_name, make_problem
+    """Build data, model and Trainer from `cfg`, load the checkpoint, validate on the test
+    split; returns the run record (kind "evaluate")."""
+    from owdfa_bench.data.datamodule import build_splits
+    from owdfa_bench.records import RunRecord, config_hash
+    from owdfa_bench.runner import (
+        Timing,
+        build_datamodule,
+        build_method,
+        build_trainer,
+        device_name,
+        make_problem,
+        max_epochs_of,
+        set_threads,
+    )
 
+    check_config(cfg)
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"--ckpt {ckpt_path}: no such file")
     started = time.perf_counter()
     with open_dict(cfg):
         cfg.data.backbone.pretrained = False  # the checkpoint brings the weights
-    from owdfa_bench.data.datamodule import build_splits
+    set_threads(cfg.trainer.threads)
+    splits = build_splits(cfg.data, cfg.protocol)
+    model = build_method(cfg, make_problem(cfg, splits, max_epochs_of(cfg)))
+    model.channels_last = bool(cfg.trainer.channels_last)
+    report = load_checkpoint(model, ckpt_path, num_active)
 
-    splits = build_splits(cfg)
-    problem = make_problem(cfg, splits, int(cfg.trainer.max_epochs or cfg.method.epochs))
-    model = build_method(cfg, problem)
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    state = extract_state_dict(checkpoint)
-    reference = is_cal_reference_state_dict(state)
-    if reference:
-        if cfg.method.name != "cal":
-            raise ValueError(
-                f"{ckpt_path.name} is an official CAL checkpoint: use method=cal "
-                f"(got method={cfg.method.name})"
-            )
-        report = load_cal_reference_state_dict(model, state, num_active)
-    else:
-        if num_active is not None:
-            raise ValueError(
-                "--num-active is only for official unknown-K CAL checkpoints; "
-                "the harness's checkpoints store their active prototype count"
-            )
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(
-                f"{ckpt_path.name} does not match method={cfg.method.name} k={cfg.k.name}: "
-                f"missing keys {result.missing_keys}, unexpected keys {result.unexpected_keys}"
-            )
-        report = {"format": "owdfa_bench", "mapped_keys": len(state)}
-
-    datamodule = build_datamodule(cfg, splits, model)
     head = getattr(model, "head", None)
     rows = head.weight.shape[0] if head is not None and hasattr(head, "set_active") else None
     active = head.active if rows is not None else None
     if rows is not None and active < rows:
-        # one pass with every row live: the first `active` columns are our logits (bias-free
-        # linear head), all columns are what the reference's eval script scores
+        # validate with every row live: the first `active` columns are our logits (bias-free
+        # linear head), all columns what the reference's eval script scores
         head.set_active(rows)
-        outputs, targets = predict(model, datamodule.eval_loader("test"))
-        reference_all = model.evaluate_outputs(outputs, targets)
-        reference_all["k_estimated"] = rows
-        reference_all["metrics"]["k_estimated"] = rows
+    timing = Timing()
+    trainer = build_trainer(
+        cfg.trainer, Path(str(cfg.run_dir)), 1, callbacks=[timing], limit_val_batches=1.0
+    )
+    datamodule = build_datamodule(cfg, splits, model, diagnostics=False)
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    evaluation, reference_all = model.eval_history[-1], None
+    if rows is not None and active < rows:
+        reference_all = {**evaluation, "k_estimated": rows}
+        reference_all["metrics"] = {**evaluation["metrics"], "k_estimated": rows}
         head.set_active(active)
-        ours = model.evaluate_outputs(outputs[:, :active], targets)
-    else:
-        outputs, targets = predict(model, datamodule.eval_loader("test"))
-        ours, reference_all = model.evaluate_outputs(outputs, targets), None
+        outputs, targets = model.gather_eval(0)
+        evaluation = model.evaluate_outputs(outputs[:, :active], targets)
 
-    record: dict[str, Any] = {
-        "kind": "evaluate",
-        "status": "complete",
-        "method": str(cfg.method.name),
-        "protocol": str(cfg.protocol.name),
-        "k": str(cfg.k.name),
-        "data": str(cfg.data.name),
-        "synthetic": bool(cfg.data.get("synthetic", False)),
-        "split_seed": int(cfg.data.split_seed),
-        "checkpoint": ckpt_path.name,
-        "checkpoint_sha256": _file_sha256(ckpt_path),
-        "load": report,
-        "num_known": splits.num_known,
-        "num_classes": splits.num_classes,
-        "num_active": active,
-        "num_prototypes": rows,
-        **_summary(ours),
-        "reference_all_rows": None if reference_all is None else _summary(reference_all),
-        "classes": splits.classes,
-        "counts": {"test": len(splits.test)},
-        "config_hash": config_hash(cfg),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "git_commit": git_commit(),
-        "versions": package_versions(),
-        "device": device_name(cfg),
-        "wall_s": round(time.perf_counter() - started, 2),
-    }
-    return record
+    from owdfa_bench.cache import file_digest
+
+    record = RunRecord.from_config(
+        cfg,
+        config_hash(cfg),
+        device_name(cfg),
+        kind="evaluate",
+        status="complete",
+        checkpoint=ckpt_path.name,
+        checkpoint_sha256=file_digest(ckpt_path),
+        load=report,
+        num_known=splits.num_known,
+        num_classes=splits.num_classes,
+        num_active=active,
+        num_prototypes=rows,
+        classes=splits.classes,
+        counts={"test": len(splits.test)},
+        data_warnings=splits.warnings,
+        unreadable=splits.unreadable,
+        eval_images_per_s=timing.rates()[1],
+        **_summary(evaluation),
+    )
+    record.reference_all_rows = None if reference_all is None else _summary(reference_all)
+    record.wall_s = round(time.perf_counter() - started, 2)
+    return record.to_dict()
 
 
 def _print_summary(record: dict[str, Any]) -> None:

@@ -14,17 +14,17 @@ declares `uses_unlabelled_labels = True` (the oracle upper bound) receives them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
+from owdfa_bench.data.splits import LABELLED_TAG
 from owdfa_bench.diagnostics import confidence_skew, pseudo_label_noise
 from owdfa_bench.metrics import evaluate_predictions
-
-LABELLED_TAG = 1  # the reference's tags: 1 labelled, 2 unlabelled
-UNLABELLED_TAG = 2
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,15 @@ class OWDFAMethod(pl.LightningModule):
         second. Methods without a threshold keep the default 0.95 for both.
         """
         return (0.95, 0.95)
+
+    def load_reference_checkpoint(
+        self, state_dict: dict[str, torch.Tensor], num_active: int | None = None
+    ) -> dict[str, Any] | None:
+        """Load a checkpoint in the layout of the method's official code release, if
+        `state_dict` is one, and return a report of the load; None when it is not (then
+        `owdfa-bench evaluate` loads it as one of ours). `num_active`: live prototypes, for a
+        release that does not record them."""
+        return None
 
     def record_extras(self) -> dict[str, Any]:
         """Method-specific entries for results.json (e.g. CAL's active prototypes per epoch)."""
@@ -258,36 +267,62 @@ class OWDFAMethod(pl.LightningModule):
         )
 
 
+def extract_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensor state dict of a Lightning checkpoint (or of a bare state dict)."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"expected a checkpoint dict, got {type(checkpoint).__name__}")
+    state = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(
+            "the checkpoint holds no tensor state dict (no 'state_dict' entry and "
+            "its top level is not one)"
+        )
+    return state
+
+
+@lru_cache(maxsize=1)
+def optimizer_registry() -> DictConfig:
+    """conf/optimizers.yaml: how the names of a `method.optim` block become torch objects."""
+    from owdfa_bench.resources import conf_dir
+
+    if not OmegaConf.has_resolver("owdfa.product"):
+        OmegaConf.register_new_resolver("owdfa.product", lambda a, b: float(a) * float(b))
+    return OmegaConf.load(conf_dir() / "optimizers.yaml")
+
+
 def build_optimizer(optim: dict[str, Any], params, max_epochs: int):
-    """Optimizer and per-epoch scheduler from a method's `optim` config block."""
-    name = optim.get("name", "adam").lower()
-    lr = float(optim.get("lr", 2e-4))
-    wd = float(optim.get("weight_decay", 0.0))
-    if name == "adam":
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
-    elif name == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    elif name == "sgd":
-        opt = torch.optim.SGD(
-            params, lr=lr, weight_decay=wd, momentum=float(optim.get("momentum", 0.9))
-        )
-    else:
-        raise ValueError(f"method.optim.name={name!r}: use one of adam, adamw, sgd")
-    sched = optim.get("scheduler", "step")
-    if sched in (None, "none"):
+    """Optimizer and per-epoch scheduler from a method's `optim` block (`method.optim`).
+
+    `optim["name"]` and `optim["scheduler"]` pick entries of conf/optimizers.yaml, which are
+    instantiated with the block's values (the file's `unset` values for keys it lacks).
+    """
+    from hydra.utils import instantiate
+
+    registry = optimizer_registry()
+    values = {**OmegaConf.to_container(registry.unset), **optim}
+    scheduler = values["scheduler"] or "none"
+    built = OmegaConf.create(
+        {
+            "optim": values,
+            "max_epochs": max(1, int(max_epochs)),
+            "optimizer": _registry_entry(registry, "optimizers", str(values["name"]).lower()),
+            "scheduler": _registry_entry(registry, "schedulers", str(scheduler)),
+        }
+    )
+    opt = instantiate(built.optimizer, _convert_="all")(params)
+    if built.scheduler is None:
         return opt
-    if sched == "step":
-        scheduler = torch.optim.lr_scheduler.StepLR(
-            opt, step_size=int(optim.get("step_size", 10)), gamma=float(optim.get("gamma", 0.1))
+    lr_scheduler = instantiate(built.scheduler, _convert_="all")(opt)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "epoch"}}
+
+
+def _registry_entry(registry: DictConfig, group: str, name: str) -> Any:
+    entries = registry[group]
+    if name not in entries:
+        key = "name" if group == "optimizers" else "scheduler"
+        raise ValueError(
+            f"method.optim.{key}={name!r}: conf/optimizers.yaml offers {sorted(entries)}; "
+            "add an entry there for another torch.optim class"
         )
-    elif sched == "multistep":
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            opt, milestones=list(optim.get("milestones", [])), gamma=float(optim.get("gamma", 0.1))
-        )
-    elif sched == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=max(1, max_epochs), eta_min=lr * float(optim.get("eta_min_ratio", 1e-3))
-        )
-    else:
-        raise ValueError(f"method.optim.scheduler={sched!r}: use step, multistep, cosine or none")
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+    entry = entries[name]
+    return None if entry is None else OmegaConf.to_container(entry, resolve=False)

@@ -1,8 +1,16 @@
-"""Run records: `results.json` in each run folder, with provenance, and the skip rule of sweeps."""
+"""Run records: the typed `RunRecord` a run folder's `results.json` holds, its provenance, the
+config hash and the skip rule of sweeps.
+
+The runner writes one `RunRecord` per run (`kind` "train"), `owdfa-bench evaluate` one per
+checkpoint it scores (`kind` "evaluate"), and the report reads every `results.json` back through
+`RunRecord.from_dict`, which keeps records of older versions readable: a key it does not know
+goes to `extras`, a key a record lacks keeps the field's empty value.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -10,18 +18,142 @@ import math
 import os
 import platform
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # bump when a field changes meaning; from_dict reads every version up to it
 RESULTS_FILE = "results.json"
 # Keys that say where and how a run is recorded or shown, not what it computes.
 HASH_EXCLUDED_KEYS = ("force", "logger", "output_root", "sweep_name", "run_dir", "hydra")
-HASH_EXCLUDED_TRAINER_KEYS = ("progress_bar", "num_workers", "pin_memory")
-# Nested keys that only say how a run is shown: a method's printed name and table position.
-HASH_EXCLUDED_PATHS = (("method", "display"),)
+# ... how it is shown, checkpointed and fed, and which class builds the Trainer
+HASH_EXCLUDED_TRAINER_KEYS = ("progress_bar", "num_workers", "pin_memory", "_target_", "callbacks")
+# Nested keys that only say how a run is shown (a method's printed name and table position) or
+# which class builds an object whose settings are hashed (the data source: data.name is hashed).
+HASH_EXCLUDED_PATHS = (("method", "display"), ("data", "_target_"))
+# Field metadata: when a field is left out of the JSON while it is None.
+OMIT_WHEN_EMPTY = {"omit": "when_none"}  # always
+RESULT = {"omit": "unless_complete"}  # unless the run is complete (then null says "none")
+EVALUATION = {"omit": "unless_evaluate"}  # unless the record is of an evaluated checkpoint
+
+
+@dataclass
+class RunRecord:
+    """What one run (or one evaluation of a checkpoint) computed, and how.
+
+    `to_dict` is the JSON of `results.json`: the fields in order, `extras` (method-specific
+    entries such as CAL's `k_curve`) merged at the top level; a None field marked
+    OMIT_WHEN_EMPTY is left out, one marked RESULT unless the run is complete, one marked
+    EVALUATION unless the record is of an evaluated checkpoint. A record is
+    written when a run starts (`status` "running"), and again when it completes or fails.
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    status: str = "running"  # running | complete | failed
+    error: str | None = None
+    method: str | None = None
+    protocol: str | None = None
+    k: str | None = None
+    seed: int | None = None
+    split_seed: int | None = None
+    data: str | None = None
+    synthetic: bool | None = None
+    selection: str | None = None
+    config_hash: str | None = None
+    config: dict[str, Any] | None = None
+    git_commit: str | None = None
+    versions: dict[str, str] | None = None
+    device: str | None = None
+    kind: str | None = field(default=None, metadata=OMIT_WHEN_EMPTY)  # None: a training run
+    pretrained_start: dict[str, Any] | None = field(default=None, metadata=OMIT_WHEN_EMPTY)
+    # the evaluation (complete runs)
+    epochs: int | None = field(default=None, metadata=RESULT)
+    selected_epoch: int | None = field(default=None, metadata=RESULT)
+    selection_metric: str | None = field(default=None, metadata=RESULT)
+    metrics: dict[str, Any] | None = field(default=None, metadata=RESULT)
+    num_clusters: int | None = field(default=None, metadata=RESULT)
+    k_estimated: int | None = field(default=None, metadata=RESULT)
+    num_known: int | None = field(default=None, metadata=RESULT)
+    num_classes: int | None = field(default=None, metadata=RESULT)
+    classes: list[dict[str, Any]] | None = field(default=None, metadata=RESULT)
+    per_class_acc: list[Any] | None = field(default=None, metadata=RESULT)
+    confusion: list[list[int]] | None = field(default=None, metadata=RESULT)
+    history: list[dict[str, Any]] | None = field(default=None, metadata=RESULT)
+    counts: dict[str, int] | None = field(default=None, metadata=RESULT)
+    data_warnings: list[str] | None = field(default=None, metadata=RESULT)
+    unreadable: list[str] | None = field(default=None, metadata=RESULT)
+    # of an evaluated checkpoint (kind "evaluate")
+    checkpoint: str | None = field(default=None, metadata=EVALUATION)
+    checkpoint_sha256: str | None = field(default=None, metadata=EVALUATION)
+    load: dict[str, Any] | None = field(default=None, metadata=EVALUATION)
+    num_active: int | None = field(default=None, metadata=EVALUATION)
+    num_prototypes: int | None = field(default=None, metadata=EVALUATION)
+    reference_all_rows: dict[str, Any] | None = field(default=None, metadata=EVALUATION)
+    # timings
+    train_images_per_s: float | None = field(default=None, metadata=RESULT)
+    eval_images_per_s: float | None = field(default=None, metadata=RESULT)
+    wall_s: float | None = field(default=None, metadata=OMIT_WHEN_EMPTY)
+    traceback: str | None = field(default=None, metadata=OMIT_WHEN_EMPTY)
+    extras: dict[str, Any] = field(default_factory=dict)  # method-specific, at the top level
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, cfg_hash: str, device: str, **fields: Any) -> RunRecord:
+        """The provenance of a run of `cfg`: cell, seeds, data, the resolved config, versions."""
+        return cls(
+            method=str(cfg.method.name),
+            protocol=str(cfg.protocol.name),
+            k=str(cfg.k.name),
+            seed=int(cfg.seed),
+            split_seed=int(cfg.data.split_seed),
+            data=str(cfg.data.name),
+            synthetic=bool(cfg.data.synthetic),
+            selection=str(cfg.selection),
+            config_hash=cfg_hash,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            git_commit=git_commit(),
+            versions=package_versions(),
+            device=device,
+            **fields,
+        )
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extras"]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        """A record read back from JSON, of this or an older schema version: values as written
+        (the report's validation judges them), None where a key is absent, and the keys it does
+        not know in `extras`."""
+        names = cls.field_names()
+        extras = {k: v for k, v in data.items() if k not in set(names)}
+        return cls(**{name: data.get(name) for name in names}, extras=extras)
+
+    def to_dict(self) -> dict[str, Any]:
+        complete = self.status == "complete"
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value, omit = getattr(self, f.name), f.metadata.get("omit")
+            kept_when_none = {
+                None: True,
+                "unless_complete": complete,
+                "unless_evaluate": self.kind == "evaluate",
+            }.get(omit, False)
+            if f.name == "extras" or (value is None and not kept_when_none):
+                continue
+            out[f.name] = value
+        clash = set(self.extras) & set(out)
+        if clash:
+            raise ValueError(f"record extras {sorted(clash)} would overwrite record fields")
+        return {**out, **self.extras}
+
+    def is_complete(self, cfg_hash: str) -> bool:
+        """Complete for this config: a sweep skips the run."""
+        return self.status == "complete" and self.config_hash == cfg_hash and bool(self.metrics)
+
+
 VERSIONED_PACKAGES = (
     "torch",
     "torchvision",
@@ -114,21 +246,18 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def read_record(run_dir: Path) -> dict[str, Any] | None:
+def write_record(path: Path, record: RunRecord) -> None:
+    write_json_atomic(path, record.to_dict())
+
+
+def read_record(run_dir: Path) -> RunRecord | None:
+    """The record in a run folder; None when there is none or it does not parse."""
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         return None
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def is_complete(record: dict[str, Any] | None, cfg_hash: str) -> bool:
-    return (
-        bool(record)
-        and record.get("status") == "complete"
-        and record.get("config_hash") == cfg_hash
-        and bool(record.get("metrics"))
-    )
+    return RunRecord.from_dict(data) if isinstance(data, dict) else None

@@ -1,9 +1,13 @@
 """The shared runner: one composed config in, one `results.json` out.
 
-run(cfg): skip if done -> seed -> data splits -> method -> Lightning Trainer.fit (resumes from
-the run folder's last checkpoint) -> the reported evaluation (last epoch by default, or best on
-test when `selection=best_on_test`) -> results.json. Any failure is recorded as status "failed"
-with its error before it is re-raised, and the logger is always closed.
+run(cfg): check the config -> skip if done -> seed -> data splits -> method -> Lightning
+Trainer.fit (resumes from the run folder's last checkpoint) -> the reported evaluation (last
+epoch by default, or best on test when `selection=best_on_test`) -> results.json. Every object
+that can be swapped is built from its config group with Hydra's instantiate: the data source
+(`data._target_`), the method (`method.model._target_`), the Trainer and its callbacks
+(`trainer`), the loggers (`logger.loggers`); the optimiser and scheduler are built by the method
+(`owdfa_bench.method.build_optimizer`). Any failure is recorded as status "failed" with its
+error before it is re-raised, and the loggers are always closed.
 """
 
 from __future__ import annotations
@@ -19,28 +23,28 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from owdfa_bench.data.datamodule import DataSplits, OWDFADataModule, build_splits
+from owdfa_bench.config import SELECTIONS, TrainerConfig, check_config
+from owdfa_bench.data.datamodule import OWDFADataModule, build_splits
+from owdfa_bench.data.splits import DataSplits
 from owdfa_bench.method import OWDFAMethod, Problem
 from owdfa_bench.pretrain import resolve_pretrained_start
 from owdfa_bench.records import (
     RESULTS_FILE,
-    SCHEMA_VERSION,
+    RunRecord,
     config_hash,
-    git_commit,
-    is_complete,
-    package_versions,
     read_record,
-    write_json_atomic,
+    write_record,
 )
 
 log = logging.getLogger(__name__)
 # Lightning's start-up banners (accelerator listing, product tips) say nothing about the run.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch pytree notice via Lightning
-SELECTIONS = ("last", "best_on_test")
+# in the run folder, written by trainer.callbacks.last_checkpoint
+CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
 
 class Timing(pl.Callback):
@@ -100,14 +104,18 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(str(cfg.run_dir))
 
 
+def max_epochs_of(cfg: DictConfig) -> int:
+    """`trainer.max_epochs` (e.g. the smoke trainer's 2), else the method's epochs."""
+    return int(cfg.trainer.max_epochs or cfg.method.epochs)
+
+
 def make_problem(cfg: DictConfig, splits: DataSplits, max_epochs: int) -> Problem:
-    estimate = cfg.k.get("estimate")
     real = [c["label"] for c in splits.classes if c.get("code") == "REAL"]
     return Problem(
         num_known=splits.num_known,
         num_classes=splits.num_classes,
         k_mode=str(cfg.k.name),
-        k_estimate=None if estimate is None else int(estimate),
+        k_estimate=cfg.k.estimate,
         max_epochs=max_epochs,
         real_label=real[0] if real else None,
     )
@@ -128,7 +136,9 @@ def build_method(
     return method
 
 
-def build_datamodule(cfg: DictConfig, splits: DataSplits, method: OWDFAMethod) -> OWDFADataModule:
+def build_datamodule(
+    cfg: DictConfig, splits: DataSplits, method: OWDFAMethod, diagnostics: bool = True
+) -> OWDFADataModule:
     return OWDFADataModule(
         splits,
         image_size=int(cfg.data.image_size),
@@ -140,35 +150,18 @@ def build_datamodule(cfg: DictConfig, splits: DataSplits, method: OWDFAMethod) -
         num_workers=int(cfg.trainer.num_workers),
         pin_memory=bool(cfg.trainer.pin_memory),
         reveal_unlabelled=bool(method.uses_unlabelled_labels),
+        diagnostics=diagnostics,
     )
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
-    kind = cfg.logger.name
-    if kind == "none":
-        return []
-    if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
-    if kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
-        cell = f"{cfg.method.name}-{cfg.protocol.name}-k{cfg.k.name}"
-        return [
-            WandbLogger(
-                project=str(cfg.logger.project),
-                entity=cfg.logger.get("entity"),
-                mode=str(cfg.logger.mode),
-                save_dir=str(run_dir),
-                group=cell,
-                name=f"{cell}-seed{cfg.seed}",
-                tags=[f"seed-{cfg.seed}", str(cfg.data.name)],
-                job_type=str(cfg.sweep_name),
-                config=OmegaConf.to_container(cfg, resolve=True),
-            )
-        ]
-    raise ValueError(f"logger={kind!r}: use wandb, csv or none")
+def build_loggers(cfg: DictConfig) -> list:
+    """The Lightning loggers of `logger.loggers`, each given the resolved config."""
+    loggers = [instantiate(node) for node in cfg.logger.loggers.values() if node is not None]
+    if loggers:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        for logger in loggers:
+            logger.log_hyperparams(config)
+    return loggers
 
 
 def close_loggers(loggers: list, summary: dict[str, Any] | None, failed: bool) -> None:
@@ -183,42 +176,37 @@ def close_loggers(loggers: list, summary: dict[str, Any] | None, failed: bool) -
         wandb.finish(exit_code=1 if failed else 0)
 
 
-def build_trainer(
-    cfg: DictConfig, run_dir: Path, loggers: list, timing: Timing, max_epochs: int
-) -> pl.Trainer:
-    t = cfg.trainer
-    # one rolling checkpoint, rewritten after every epoch's evaluation, to resume from
-    latest = ModelCheckpoint(
-        dirpath=str(run_dir / "checkpoints"),
-        filename="last",
-        monitor=None,
-        save_top_k=1,
-        every_n_epochs=1,
-        enable_version_counter=False,
-    )
-    callbacks = [timing, latest]
-    if t.get("progress_bar", False):
-        from lightning.pytorch.callbacks import RichProgressBar
+def build_callbacks(trainer_cfg: DictConfig) -> list[pl.Callback]:
+    """The callbacks of `trainer.callbacks` (null entries left out; progress bars only with
+    `trainer.progress_bar`)."""
+    callbacks = [instantiate(node) for node in trainer_cfg.callbacks.values() if node is not None]
+    if not trainer_cfg.progress_bar:
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
 
-        callbacks.append(RichProgressBar())
-    return pl.Trainer(
-        accelerator=str(t.accelerator),
-        devices=t.devices,
-        strategy=str(t.strategy),
-        num_nodes=int(t.get("num_nodes", 1)),
-        precision=str(t.precision),
+
+def build_trainer(
+    trainer_cfg: DictConfig,
+    run_dir: Path,
+    max_epochs: int,
+    loggers: list | None = None,
+    callbacks: list[pl.Callback] | None = None,
+    **overrides: Any,
+) -> pl.Trainer:
+    """The Lightning Trainer of `trainer` (`_target_` and its arguments; the runner's own keys
+    left out), with the settings every run of this harness shares."""
+    arguments = {k: v for k, v in trainer_cfg.items() if k not in TrainerConfig.RUNNER_KEYS}
+    return instantiate(
+        arguments,
         max_epochs=max_epochs,
-        limit_train_batches=t.get("limit_train_batches"),
-        limit_val_batches=t.get("limit_val_batches"),
-        deterministic=t.deterministic,
-        num_sanity_val_steps=0,
         logger=loggers or False,
-        callbacks=callbacks,
-        enable_progress_bar=bool(t.get("progress_bar", False)),
+        callbacks=callbacks or [],
+        enable_progress_bar=bool(trainer_cfg.progress_bar),
         default_root_dir=str(run_dir),
-        log_every_n_steps=int(t.get("log_every_n_steps", 10)),
+        num_sanity_val_steps=0,  # a sanity pass would count as an evaluation of the method
         enable_model_summary=False,
         use_distributed_sampler=False,  # the datamodule shards its own samplers (DDP)
+        **overrides,
     )
 
 
@@ -232,27 +220,6 @@ def select_evaluation(history: list[dict[str, Any]], selection: str, metric: str
         score = lambda r: r["metrics"].get(metric, -math.inf)  # noqa: E731
         return max(history, key=score)  # first maximum on ties
     raise ValueError(f"selection={selection!r}: use one of {SELECTIONS}")
-
-
-def base_record(cfg: DictConfig, cfg_hash: str) -> dict[str, Any]:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "status": "running",
-        "error": None,
-        "method": str(cfg.method.name),
-        "protocol": str(cfg.protocol.name),
-        "k": str(cfg.k.name),
-        "seed": int(cfg.seed),
-        "split_seed": int(cfg.data.split_seed),
-        "data": str(cfg.data.name),
-        "synthetic": bool(cfg.data.get("synthetic", False)),
-        "selection": str(cfg.selection),
-        "config_hash": cfg_hash,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "git_commit": git_commit(),
-        "versions": package_versions(),
-        "device": device_name(cfg),
-    }
 
 
 def device_name(cfg: DictConfig) -> str:
@@ -273,90 +240,84 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train and evaluate one cell; returns the results record (also written to disk)."""
-    if cfg.selection not in SELECTIONS:
-        raise ValueError(f"selection={cfg.selection!r}: use one of {SELECTIONS}")
+    """Train and evaluate one cell; returns the results record as written to results.json."""
     cfg = apply_recipe(cfg)
+    check_config(cfg)
     run_dir = run_dir_of(cfg)
     cfg_hash = config_hash(cfg)
     previous = read_record(run_dir)
-    if not cfg.get("force", False) and is_complete(previous, cfg_hash):
+    if not cfg.force and previous is not None and previous.is_complete(cfg_hash):
         log.info(
             "skipping %s: results.json is complete for config %s (force=true re-runs)",
             run_dir,
             cfg_hash,
         )
-        return previous
-    if previous is not None and previous.get("config_hash") not in (None, cfg_hash):
-        ckpt = run_dir / "checkpoints" / "last.ckpt"
-        if ckpt.exists():  # never resume from a checkpoint of a different config
-            ckpt.unlink()
-    record = base_record(cfg, cfg_hash)
+        return previous.to_dict()
+    last = run_dir / CHECKPOINT
+    if previous is not None and previous.config_hash not in (None, cfg_hash) and last.exists():
+        last.unlink()  # never resume from a checkpoint of a different config
+    set_threads(cfg.trainer.threads)
+    record = RunRecord.from_config(cfg, cfg_hash, device_name(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    write_json_atomic(run_dir / RESULTS_FILE, record)
+    write_record(run_dir / RESULTS_FILE, record)
     started = time.perf_counter()
     loggers: list = []
     try:
-        set_threads(cfg.trainer.get("threads"))
         seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
-        splits = build_splits(cfg)
-        max_epochs = int(cfg.trainer.max_epochs or cfg.method.epochs)
+        splits = build_splits(cfg.data, cfg.protocol)
+        max_epochs = max_epochs_of(cfg)
         problem = make_problem(cfg, splits, max_epochs)
         start = resolve_pretrained_start(cfg.data)
         if start is not None:
-            record["pretrained_start"] = {
+            record.pretrained_start = {
                 k: start[k] for k in ("key", "weights_sha256", "scores", "settings")
             }
         method = build_method(cfg, problem, start)
-        method.channels_last = bool(cfg.trainer.get("channels_last", False))
+        method.channels_last = bool(cfg.trainer.channels_last)
         datamodule = build_datamodule(cfg, splits, method)
-        loggers = build_loggers(cfg, run_dir)
+        loggers = build_loggers(cfg)
         timing = Timing()
-        trainer = build_trainer(cfg, run_dir, loggers, timing, max_epochs)
-        last = run_dir / "checkpoints" / "last.ckpt"
-        resume = str(last) if last.exists() and not cfg.get("force", False) else None
+        callbacks = [timing, *build_callbacks(cfg.trainer)]
+        trainer = build_trainer(cfg.trainer, run_dir, max_epochs, loggers, callbacks)
+        resume = str(last) if last.exists() and not cfg.force else None
         if resume:
             log.info("resuming from %s", resume)
         trainer.fit(method, datamodule=datamodule, ckpt_path=resume)
         chosen = select_evaluation(method.eval_history, str(cfg.selection), method.selection_metric)
         train_rate, eval_rate = timing.rates()
-        record.update(
-            status="complete",
-            epochs=max_epochs,
-            selected_epoch=chosen["epoch"],
-            selection_metric=method.selection_metric if cfg.selection == "best_on_test" else None,
-            metrics=chosen["metrics"],
-            num_clusters=chosen["num_clusters"],
-            k_estimated=chosen.get("k_estimated"),
-            num_known=splits.num_known,
-            num_classes=splits.num_classes,
-            classes=splits.classes,
-            per_class_acc=chosen["per_class_acc"],
-            confusion=chosen["confusion"],
-            history=[{"epoch": h["epoch"], "metrics": h["metrics"]} for h in method.eval_history],
-            counts={
-                "labelled": len(splits.labelled),
-                "unlabelled": len(splits.unlabelled),
-                "test": len(splits.test),
-            },
-            data_warnings=splits.warnings,
-            unreadable=splits.unreadable,
-            train_images_per_s=train_rate,
-            eval_images_per_s=eval_rate,
-            wall_s=round(time.perf_counter() - started, 2),
-            **method.record_extras(),
+        record.status = "complete"
+        record.epochs = max_epochs
+        record.selected_epoch = chosen["epoch"]
+        record.selection_metric = (
+            method.selection_metric if cfg.selection == "best_on_test" else None
         )
-        write_json_atomic(run_dir / RESULTS_FILE, record)
-        close_loggers(loggers, summary=record["metrics"], failed=False)
-        return record
+        record.metrics = chosen["metrics"]
+        record.num_clusters = chosen["num_clusters"]
+        record.k_estimated = chosen.get("k_estimated")
+        record.num_known, record.num_classes = splits.num_known, splits.num_classes
+        record.classes = splits.classes
+        record.per_class_acc, record.confusion = chosen["per_class_acc"], chosen["confusion"]
+        record.history = [
+            {"epoch": h["epoch"], "metrics": h["metrics"]} for h in method.eval_history
+        ]
+        record.counts = {
+            "labelled": len(splits.labelled),
+            "unlabelled": len(splits.unlabelled),
+            "test": len(splits.test),
+        }
+        record.data_warnings, record.unreadable = splits.warnings, splits.unreadable
+        record.train_images_per_s, record.eval_images_per_s = train_rate, eval_rate
+        record.wall_s = round(time.perf_counter() - started, 2)
+        record.extras = method.record_extras()
+        write_record(run_dir / RESULTS_FILE, record)
+        close_loggers(loggers, summary=record.metrics, failed=False)
+        return record.to_dict()
     except BaseException as err:
-        record.update(
-            status="failed",
-            error=f"{type(err).__name__}: {err}",
-            traceback=traceback.format_exc(limit=20),
-            wall_s=round(time.perf_counter() - started, 2),
-        )
-        write_json_atomic(run_dir / RESULTS_FILE, record)
+        record.status = "failed"
+        record.error = f"{type(err).__name__}: {err}"
+        record.traceback = traceback.format_exc(limit=20)
+        record.wall_s = round(time.perf_counter() - started, 2)
+        write_record(run_dir / RESULTS_FILE, record)
         close_loggers(loggers, summary=None, failed=True)
         raise

@@ -16,7 +16,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from owdfa_bench.config import register_configs
 from owdfa_bench.resources import conf_dir
+
+register_configs()  # the structured configs the YAML defaults lists name (no torch import)
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")

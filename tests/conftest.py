@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
+from owdfa_bench import config
 from owdfa_bench.protocols import load_registry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,8 +50,7 @@ torch.set_num_threads(1)
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return config.compose_config(overrides)
 
 
 def write_owdfa40_tree(

@@ -1,4 +1,4 @@
-"""CAL (methods/cal.py) and the official-checkpoint loader (owdfa_bench/evaluate.py).
+"""CAL (methods/cal.py), its official-checkpoint loader and `owdfa-bench evaluate` on it.
 
 Loss terms, the threshold update and the pruning rule are checked on hand-made tensors against
 values derived by hand or with numpy; the model on a small resnet18 at 64 px; the whole method
@@ -18,6 +18,8 @@ import torch
 
 from methods.cal import (
     CAL,
+    REFERENCE_HEAD,
+    REFERENCE_PREFIXES,
     ConfidenceStats,
     DCTAttention,
     acr_loss,
@@ -26,21 +28,16 @@ from methods.cal import (
     confidence_statistics,
     dct_2d,
     idct_2d,
+    load_cal_reference_state_dict,
     marginal_entropy_regulariser,
     merge_unlabelled_prototypes,
     num_unlabelled_to_keep,
     prototype_usage,
     prune_prototypes,
-    save_k_curve_plot,
     supervised_ce,
     updated_novel_threshold,
 )
-from owdfa_bench.evaluate import (
-    REFERENCE_HEAD,
-    REFERENCE_PREFIXES,
-    evaluate_checkpoint,
-    load_cal_reference_state_dict,
-)
+from owdfa_bench.evaluate import evaluate_checkpoint
 from owdfa_bench.method import Problem, TrainBatch
 
 BACKBONE = {"name": "resnet18", "pretrained": False}
@@ -280,12 +277,6 @@ def test_dpp_keeps_everything_when_pruning_would_not_shrink():
     model._weak_logits.append(torch.eye(20))  # every prototype used once
     model.dynamic_prototype_pruning()
     assert model.head.active == 20 and torch.equal(model.head.weight.detach(), before)
-
-
-def test_k_curve_plot_is_written(tmp_path):
-    path = tmp_path / "k_curve.png"
-    save_k_curve_plot([20, 9, 6, 6], num_known=2, path=str(path))
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_known_k_head_uses_the_true_total_and_never_prunes():

@@ -9,6 +9,9 @@ left out. This test reruns the cells and compares; floats with an absolute toler
 
 Regenerate (only when a change is meant to alter results, and say so in the commit):
     python tests/test_golden_records.py --write
+
+The config hashes are those of 88adfe8 except CAL's: removing `method.model.plot_k_curve`
+(methods do no I/O; the report draws the K curve) changed CAL's resolved config.
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ def relabel_unlabelled_rows(monkeypatch) -> None:
     """Make the runner build splits whose unlabelled rows all carry the label 0."""
     build = runner_module.build_splits
 
-    def relabelled(cfg):
-        splits = build(cfg)
+    def relabelled(data_cfg, protocol_cfg):
+        splits = build(data_cfg, protocol_cfg)
         assert len({y for _, y in splits.unlabelled}) > 1
         splits.unlabelled = [(p, 0) for p, _ in splits.unlabelled]
         return splits

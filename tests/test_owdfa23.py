@@ -234,3 +234,25 @@ def test_prepare_and_cached_rows_for_owdfa23(meta_dir):
     cached = resolve_cached_rows(test, data_cfg)
     assert [y for _, y in cached] == [y for _, y in test]
     assert np.asarray(Image.open(cached[0][0])).tolist()[0][0] == [255, 0, 0]
+
+
+def test_a_leaking_meta_csv_fails_naming_the_rows(meta_dir):
+    """Duplicated CSV rows land on both sides of the 80/20 cut; the shared check refuses them."""
+    from conftest import compose_config
+
+    from owdfa_bench.data.datamodule import build_splits
+
+    df = p2_frame()
+    leaked = df[df.tag != 0].copy()
+    leaked["img_name"] += "-copy"  # a second row of each image: another CSV row, the same file
+    pd.concat([df, leaked]).to_csv(meta_dir / P2_CSV, index=False)
+    cfg = compose_config(
+        ["data=owdfa23", "protocol=owdfa23_p2", f"data.meta_dir={meta_dir}", "method=cal"]
+    )
+    with pytest.raises(
+        ValueError, match="the splits of data=owdfa23 protocol=owdfa23_p2 leak"
+    ) as err:
+        build_splits(cfg.data, cfg.protocol)
+    message = str(err.value)
+    assert "labelled and test share" in message and "unlabelled and test share" in message
+    assert "/orig/root/Type/" in message  # the rows, by image path

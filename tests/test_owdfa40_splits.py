@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from owdfa_bench.data.owdfa40 import Budgets, Splits, build_owdfa40_splits, check_splits
+from owdfa_bench.data.owdfa40 import Budgets, build_owdfa40_splits
+from owdfa_bench.data.splits import DataSplits, check_splits
 
 BUDGETS = Budgets(real=6, real_per_folder=4, known=4, novel=3)
 KNOWN = [0, 1, 3, 6]
@@ -94,18 +95,20 @@ def test_split_seed_changes_the_selection(owdfa40_root):
     assert a.test != b.test
 
 
-def test_check_splits_rejects_overlap_and_novel_labelled():
-    with pytest.raises(AssertionError, match="share"):
-        check_splits(Splits([("a", 0)], [("a", 0)], []), [0])
-    with pytest.raises(AssertionError, match="novel"):
-        check_splits(Splits([("a", 5)], [], []), [0])
+def test_check_splits_names_the_leaking_rows():
+    classes = [{"label": 0}, {"label": 1}]
+    with pytest.raises(ValueError, match="labelled and unlabelled share 1 image"):
+        check_splits(DataSplits([("a.png", 0)], [("a.png", 0)], [], 1, classes))
+    with pytest.raises(ValueError, match=r"not of a known class .*: b.png"):
+        check_splits(DataSplits([("b.png", 1)], [], [], 1, classes))
+    check_splits(DataSplits([("a.png", 0)], [("b.png", 1)], [("c.png", 1)], 1, classes))
 
 
 def test_missing_root_and_missing_class_are_clear(tmp_path, owdfa40_root):
     with pytest.raises(FileNotFoundError, match="data.root"):
-        build_owdfa40_splits(tmp_path / "nope", KNOWN)
+        build_owdfa40_splits(tmp_path / "nope", KNOWN, budgets=BUDGETS)
     with pytest.raises(FileNotFoundError, match="no class folders"):
-        build_owdfa40_splits(tmp_path, KNOWN)
+        build_owdfa40_splits(tmp_path, KNOWN, budgets=BUDGETS)
     with pytest.raises(FileNotFoundError, match=r"class indices \[41\]"):
         build_owdfa40_splits(owdfa40_root, KNOWN, list(range(42)), budgets=BUDGETS)
 

@@ -47,7 +47,10 @@ def test_lower_bound_writes_a_complete_record(make_owdfa40_cfg):
     assert on_disk["status"] == "complete"
     assert set(REQUIRED) <= set(on_disk)
     assert set(METRICS) <= set(on_disk["metrics"])
-    assert all(0.0 <= on_disk["metrics"][m] <= 1.0 for m in METRICS)
+    # ARI is chance-adjusted: slightly below 0 for a near-random clustering
+    assert all(
+        (-1.0 if m.endswith("_ari") else 0.0) <= on_disk["metrics"][m] <= 1.0 for m in METRICS
+    )
     assert on_disk["k_estimated"] is None and on_disk["split_seed"] == 2025
     assert on_disk["counts"]["test"] == 42 == sum(map(sum, on_disk["confusion"]))
     # the lower bound only ever predicts known ids

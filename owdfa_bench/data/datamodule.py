@@ -1,85 +1,25 @@
 """From a composed config to labelled / unlabelled / test rows, and the Lightning DataModule.
 
-config -> protocol -> data root -> sampling + splits -> label remap (known first) -> datasets.
+data config -> its source (`data._target_`) -> rows of the protocol's splits -> the checks every
+source passes -> datasets, samplers and loaders.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.utils import instantiate
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from owdfa_bench.data.datasets import EvalRows, TrainRows, find_unreadable, weighted_sampler
-from owdfa_bench.data.owdfa40 import Budgets, Row, build_owdfa40_splits
+from owdfa_bench.data.splits import HIDDEN_LABEL, DataSplits, Row, check_splits
 from owdfa_bench.data.transforms import build_view
-from owdfa_bench.protocols import Protocol, load_protocol
 
 log = logging.getLogger(__name__)
-HIDDEN_LABEL = -1  # the label every method sees for an unlabelled row
-
-
-@dataclass
-class DataSplits:
-    """Rows with contiguous labels (known classes 0..K_k-1 first) and what describes them."""
-
-    labelled: list[Row]
-    unlabelled: list[Row]
-    test: list[Row]
-    num_known: int
-    classes: list[dict[str, Any]]  # one entry per label: label, index, code, family, known
-    root: str = ""
-    warnings: list[str] = field(default_factory=list)
-    unreadable: list[str] = field(default_factory=list)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def counts(self) -> str:
-        return (
-            f"{len(self.labelled)} labelled, {len(self.unlabelled)} unlabelled, "
-            f"{len(self.test)} test rows"
-        )
-
-
-def resolve_data_root(data_cfg: DictConfig) -> Path:
-    """The folder of class folders: the synthetic cache (built on first use) or data.root."""
-    if data_cfg.name == "synth":
-        from owdfa_bench.data.synth import ensure_synth_dataset
-
-        return Path(ensure_synth_dataset(data_cfg))
-    if not data_cfg.get("root"):
-        raise ValueError(
-            f"data={data_cfg.name} needs data.root=<folder of class folders>; "
-            "e.g. python run.py data=owdfa40 data.root=/path/to/OWDFA40"
-        )
-    return Path(str(data_cfg.root)).expanduser()
-
-
-def relabel(rows: list[Row], mapping: dict[int, int]) -> list[Row]:
-    return [(path, mapping[index]) for path, index in rows]
-
-
-def class_table(protocol: Protocol) -> list[dict[str, Any]]:
-    mapping, known = protocol.label_of_index(), set(protocol.known)
-    return [
-        {
-            "label": mapping[c.index],
-            "index": c.index,
-            "code": c.code,
-            "family": c.family,
-            "name": c.name,
-            "known": c.index in known,
-        }
-        for c in protocol.classes_by_label()
-    ]
 
 
 def drop_unreadable(splits: DataSplits, max_fraction: float) -> DataSplits:
@@ -108,55 +48,23 @@ def drop_unreadable(splits: DataSplits, max_fraction: float) -> DataSplits:
     return splits
 
 
-def build_splits(cfg: DictConfig) -> DataSplits:
-    """Rows of the configured data and protocol, labels remapped, checked, unreadable removed."""
-    data_cfg = cfg.data
-    benchmark = cfg.protocol.get("benchmark", "owdfa40")
-    if benchmark == "owdfa23":
-        from owdfa_bench.data.owdfa23 import build_owdfa23_splits
+def build_splits(data_cfg: DictConfig, protocol_cfg: DictConfig) -> DataSplits:
+    """The rows of the configured data source and protocol, checked, unreadable images removed.
 
-        lab, unlab, test, num_known, names = build_owdfa23_splits(
-            data_cfg.meta_dir,
-            cfg.protocol,
-            split_seed=int(data_cfg.split_seed),
-            image_root=data_cfg.get("root"),
-        )
-        classes = [
-            {"label": i, "index": i, "code": n, "family": "", "name": n, "known": i < num_known}
-            for i, n in enumerate(names)
-        ]
-        splits = DataSplits(lab, unlab, test, num_known, classes, str(data_cfg.meta_dir))
-    else:
-        protocol = load_protocol(cfg.protocol.name, benchmark)
-        log.info(protocol.summary())
-        root = resolve_data_root(data_cfg)
-        raw = build_owdfa40_splits(
-            root,
-            protocol.known,
-            [c.index for c in protocol.classes],
-            split_seed=int(data_cfg.split_seed),
-            budgets=Budgets(**data_cfg.budgets),
-            test_ratio=float(data_cfg.test_ratio),
-            labelled_fraction=float(data_cfg.labelled_fraction),
-        )
-        mapping = protocol.label_of_index()
-        splits = DataSplits(
-            relabel(raw.labelled, mapping),
-            relabel(raw.unlabelled, mapping),
-            relabel(raw.test, mapping),
-            protocol.num_known,
-            class_table(protocol),
-            str(root),
-            raw.warnings,
-        )
-    if data_cfg.get("crop_face"):
+    `data._target_` names the source class (owdfa_bench/data/sources.py); whatever it is, its
+    rows pass the same disjointness check, face-crop mapping and readability check here.
+    """
+    source = instantiate(data_cfg, _convert_="object")
+    splits = source.splits(protocol_cfg)
+    check_splits(splits, f"data={source.name} protocol={protocol_cfg.name}")
+    if source.crop_face:
         from owdfa_bench.data.faces import resolve_cached_rows
 
         splits.labelled = resolve_cached_rows(splits.labelled, data_cfg)
         splits.unlabelled = resolve_cached_rows(splits.unlabelled, data_cfg)
         splits.test = resolve_cached_rows(splits.test, data_cfg)
-    if data_cfg.get("verify_images", True):
-        splits = drop_unreadable(splits, float(data_cfg.get("max_unreadable_fraction", 0.0)))
+    if source.verify_images:
+        splits = drop_unreadable(splits, source.max_unreadable_fraction)
     log.info(splits.counts())
     return splits
 
@@ -201,7 +109,7 @@ class OWDFADataModule(pl.LightningDataModule):
             **kwargs,
         )
 
-    def hidden_unlabelled(self) -> list[tuple[str, int]]:
+    def hidden_unlabelled(self) -> list[Row]:
         """The unlabelled rows as a method may see them: label -1 unless it is the oracle."""
         if self.reveal_unlabelled:
             return list(self.splits.unlabelled)

@@ -9,9 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from owdfa_bench.method import LABELLED_TAG, UNLABELLED_TAG
-
-Row = tuple[str, int]
+from owdfa_bench.data.splits import LABELLED_TAG, UNLABELLED_TAG, Row
 
 
 def load_rgb(path: str) -> Image.Image:

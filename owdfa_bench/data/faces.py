@@ -705,6 +705,9 @@ def compose_config(overrides: Sequence[str], config_dir: str | os.PathLike | Non
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from owdfa_bench.config import register_configs
+
+    register_configs()  # the structured configs the YAML defaults lists name
     conf = Path(config_dir or CONF_DIR).expanduser().resolve()
     if not (conf / "config.yaml").is_file():
         raise FileNotFoundError(

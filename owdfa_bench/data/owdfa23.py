@@ -27,10 +27,10 @@ from typing import Any
 
 import pandas as pd
 
+from owdfa_bench.data.splits import LABELLED_TAG, UNLABELLED_TAG, Row
 from owdfa_bench.protocols import load_registry
 
-Row = tuple[str, int]
-LABELLED_TAG, UNLABELLED_TAG, DROPPED_TAG = 1, 2, 0
+DROPPED_TAG = 0  # the meta CSV's third tag: a row the protocol does not use
 TRAIN_FRACTION = 0.8  # reference `train_ratio_per_class`
 DEFAULT_SPLIT_SEED = 2000
 META_SUBDIR = "meta_data"  # where the notebook writes the CSVs, under the release's DATA_ROOT

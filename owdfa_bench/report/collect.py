@@ -1,9 +1,11 @@
 """Collect: every `results.json` of a sweep folder -> one pandas row per run.
 
 A sweep is a folder of run folders `<method>/<protocol>/k-<k>/seed-<seed>/results.json` (the
-runner writes them, `owdfa_bench/records.py`). This stage only reads: a file that does not parse
-is kept as a row with status "unreadable", so the validation stage reports it instead of losing
-it. Paths are relative to the sweep folder, so no machine path reaches a table or a log.
+runner writes them). Each is read through the typed run record (`owdfa_bench.records.RunRecord`,
+which reads every schema version up to the current one). This stage only reads: a file that
+does not parse is kept as a row with status "unreadable", so the validation stage reports it
+instead of losing it. Paths are relative to the sweep folder, so no machine path reaches a table
+or a log.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from owdfa_bench.records import (
     HASH_EXCLUDED_KEYS,
     HASH_EXCLUDED_PATHS,
     HASH_EXCLUDED_TRAINER_KEYS,
+    RESULTS_FILE,
+    RunRecord,
 )
 from owdfa_bench.report.naming import display_from_config
 
-RECORD_NAME = "results.json"
-SCHEMA_VERSION = 1
+RECORD_NAME = RESULTS_FILE
 
 # Scalar fields of a record copied into one row per run; metrics are added after them.
 RUN_FIELDS = [
@@ -153,27 +156,29 @@ def read_record(path: Path, root: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         return {"path": rel, "status": "unreadable", "error": "top level is not a JSON object"}
 
-    row: dict[str, Any] = {name: record.get(name) for name in RUN_FIELDS}
+    run = RunRecord.from_dict(record)
+    row: dict[str, Any] = {name: getattr(run, name, None) for name in RUN_FIELDS}
     row["path"] = rel
-    metrics = record.get("metrics") or {}
+    row["cell_config_hash"] = run.extras.get("cell_config_hash")
+    metrics = run.metrics or {}
     if isinstance(metrics, dict):
         for name, value in metrics.items():
             if name not in row and is_number(value):
                 row[name] = float(value)
     for name, column in (("data_warnings", "data_warnings"), ("unreadable", "unreadable_images")):
-        value = record.get(name)
+        value = getattr(run, name)
         row[column] = len(value) if isinstance(value, list) else None
-    config = record.get("config")
+    config = run.config
     row["config"] = config if isinstance(config, dict) else None
     display = display_from_config(row["config"])
     row["display_name"] = display.name if display else None
     row["display_order"] = display.order if display else None
-    history = record.get("history")
+    history = run.history
     row["history"] = history if isinstance(history, list) else []
-    k_curve = record.get("k_curve")
+    k_curve = run.extras.get("k_curve")  # CAL's active prototypes per epoch
     row["k_curve"] = k_curve if isinstance(k_curve, list) else []
     if row["cell_config_hash"] is None and row["config"] is not None:
-        row["cell_config_hash"] = stable_hash(config_without_seed(config, record.get("seed")))
+        row["cell_config_hash"] = stable_hash(config_without_seed(config, run.seed))
     return row
 
 

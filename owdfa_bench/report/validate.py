@@ -15,12 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from owdfa_bench.report.collect import (
-    RECORD_NAME,
-    SCHEMA_VERSION,
-    config_without_seed,
-    flatten,
-)
+from owdfa_bench.records import SCHEMA_VERSION
+from owdfa_bench.report.collect import RECORD_NAME, config_without_seed, flatten
 from owdfa_bench.report.naming import CELL, DAGGER, DDAGGER, MIN_SEEDS, TEST_SELECTED, cell_name
 
 

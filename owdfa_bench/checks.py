@@ -1,0 +1,62 @@
+"""Range checks of values a user sets, each failing with one line: the key, the value and what
+to do. The structured configs (`owdfa_bench/config.py`, `owdfa_bench/data/sources.py`) call them
+from `__post_init__`; types are checked by OmegaConf when the config is composed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+
+class ConfigValueError(ValueError):
+    """A config value out of its range: the message names the key, the value and the fix."""
+
+
+def fail(key: str, value: Any, need: str, example: str) -> None:
+    raise ConfigValueError(f"{key}={value!r}: {need}; e.g. {key}={example}")
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def integer_at_least(key: str, value: Any, low: int, example: Any, optional: bool = False) -> None:
+    """An integer >= low (or None when `optional`)."""
+    if value is None and optional:
+        return
+    if not is_int(value) or value < low:
+        fail(key, value, f"must be an integer >= {low}" + (" or null" if optional else ""), example)
+
+
+def number_at_least(key: str, value: Any, low: float, example: Any, strict: bool = False) -> None:
+    """A finite number >= low (> low when `strict`)."""
+    need = f"must be a finite number {'>' if strict else '>='} {low}"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        fail(key, value, need, example)
+    if value < low or (strict and value == low):
+        fail(key, value, need, example)
+
+
+def fraction(key: str, value: Any, example: Any) -> None:
+    """A number in [0, 1]."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+    if not ok:
+        fail(key, value, "must be a fraction in [0, 1]", example)
+
+
+def one_of(key: str, value: Any, options: Iterable[Any]) -> None:
+    options = list(options)
+    if value not in options:
+        listed = ", ".join(str(o) for o in options)
+        fail(key, value, f"must be one of {listed}", options[0])
+
+
+def batch_limit(key: str, value: Any) -> None:
+    """Lightning's `limit_*_batches`: null (all), a batch count >= 0 or a fraction in [0, 1]."""
+    if value is None or (is_int(value) and value >= 0):
+        return
+    if isinstance(value, float) and 0.0 <= value <= 1.0:
+        return
+    fail(key, value, "must be null (all), a batch count >= 0 or a fraction in [0, 1]", 2)

@@ -1,0 +1,169 @@
+"""Structured configs: the schema of the top-level keys and of the `data`, `trainer` and `k`
+groups, registered in Hydra's ConfigStore, and the one check a composed config passes.
+
+Each YAML of those groups names its schema first in its defaults list (`conf/config.yaml`:
+`run_schema`; `conf/trainer/cpu.yaml`: `schema`; `conf/k/*.yaml`: `schema`; `conf/data/<x>.yaml`:
+`<x>_schema`), so OmegaConf checks every value's type when the config is composed and a key
+that does not exist fails there: `seed=abc` is refused naming `seed`. Ranges a type cannot
+express are checked by `__post_init__`, which runs when `check_config` turns the composed
+config into these dataclasses, before the runner writes or builds anything; each failure is one
+line naming the key, the value and what to do. No field has a default: the YAML is the one
+source of values.
+
+The shared keys of a method config (`method.epochs`, `method.batch_size`, `method.sampler`)
+are checked by `check_method`; the rest of a method config belongs to its class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from owdfa_bench.checks import (
+    ConfigValueError,
+    batch_limit,
+    integer_at_least,
+    is_int,
+    one_of,
+)
+from owdfa_bench.data.sources import Owdfa23Source, Owdfa40Source, SynthSource
+
+SELECTIONS = ("last", "best_on_test")
+K_MODES = ("known", "unknown")
+SAMPLERS = ("weighted", "alternating")
+MAX_SEED = 2**32 - 1  # numpy and Lightning seeds are unsigned 32-bit
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """The top level of `conf/config.yaml`: one run is one cell of the groups below."""
+
+    seed: int  # trains; data.split_seed builds the dataset
+    selection: str
+    force: bool
+    output_root: str
+    sweep_name: str
+    run_dir: str
+    data: Any
+    protocol: Any
+    method: Any
+    k: Any
+    trainer: Any
+    logger: Any
+
+    def __post_init__(self) -> None:
+        integer_at_least("seed", self.seed, 0, 2025)
+        if self.seed > MAX_SEED:
+            raise ConfigValueError(f"seed={self.seed}: must be at most {MAX_SEED}; e.g. seed=2025")
+        one_of("selection", self.selection, SELECTIONS)
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """`conf/trainer/*.yaml`: the Lightning Trainer (`_target_`, built by the runner with
+    `instantiate`) and the runner's own settings of how it trains."""
+
+    _target_: str
+    accelerator: str
+    devices: Any  # a count, -1 (all), "auto" or a list of ids: Lightning checks it
+    num_nodes: int
+    strategy: str
+    precision: str
+    deterministic: Any  # true, false or "warn"
+    max_epochs: int | None  # null: the method's epochs
+    limit_train_batches: Any
+    limit_val_batches: Any
+    log_every_n_steps: int
+    callbacks: dict[str, Any]  # built with instantiate; null entries are left out
+    # the runner's, not the Trainer's:
+    channels_last: bool
+    num_workers: int
+    threads: int | None  # torch threads; null or 0: all cores
+    pin_memory: bool
+    progress_bar: bool
+
+    # keys the runner reads itself; every other key is an argument of the Trainer
+    RUNNER_KEYS: ClassVar[tuple[str, ...]] = (
+        "max_epochs",
+        "callbacks",
+        "channels_last",
+        "num_workers",
+        "threads",
+        "pin_memory",
+        "progress_bar",
+    )
+
+    def __post_init__(self) -> None:
+        integer_at_least("trainer.num_nodes", self.num_nodes, 1, 1)
+        integer_at_least("trainer.max_epochs", self.max_epochs, 1, 2, optional=True)
+        batch_limit("trainer.limit_train_batches", self.limit_train_batches)
+        batch_limit("trainer.limit_val_batches", self.limit_val_batches)
+        integer_at_least("trainer.log_every_n_steps", self.log_every_n_steps, 1, 10)
+        integer_at_least("trainer.num_workers", self.num_workers, 0, 0)
+        integer_at_least("trainer.threads", self.threads, 0, 1, optional=True)
+        one_of("trainer.deterministic", self.deterministic, (True, False, "warn"))
+
+
+@dataclass(kw_only=True)
+class KConfig:
+    """`conf/k/*.yaml`: whether a method may use the true number of classes."""
+
+    name: str
+    estimate: int | None  # a total-K estimate under k=unknown (>= known classes: Problem checks)
+
+    def __post_init__(self) -> None:
+        one_of("k.name", self.name, K_MODES)
+        integer_at_least("k.estimate", self.estimate, 1, 41, optional=True)
+
+
+def register_configs() -> None:
+    """Put the schemas where the YAML defaults lists name them (idempotent)."""
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    store.store(group="trainer", name="schema", node=TrainerConfig)
+    store.store(group="k", name="schema", node=KConfig)
+    for name, source in (
+        ("synth", SynthSource),
+        ("owdfa40", Owdfa40Source),
+        ("owdfa23", Owdfa23Source),
+    ):
+        store.store(group="data", name=f"{name}_schema", node=source)
+
+
+register_configs()
+
+
+def check_method(method: DictConfig) -> None:
+    """The keys every method config shares (the runner and datamodule read them)."""
+    name = method.get("name")
+    for key, low, example in (("epochs", 1, 50), ("batch_size", 1, 128)):
+        value = method.get(key)
+        if not is_int(value) or value < low:
+            raise ConfigValueError(
+                f"method.{key}={value!r}: must be an integer >= {low} (method={name}); "
+                f"e.g. method.{key}={example}"
+            )
+    one_of("method.sampler", method.get("sampler"), SAMPLERS)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every value of a composed config in range, or one ConfigValueError naming the first
+    that is not. Runs the schemas' `__post_init__` (types were checked at composition)."""
+    OmegaConf.to_object(cfg)
+    check_method(cfg.method)
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The project config composed with Hydra's compose API (no run folder, no logging)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from owdfa_bench.resources import conf_dir
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))

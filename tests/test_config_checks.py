@@ -1,0 +1,93 @@
+"""Bad values fail before anything runs, each with one line naming the key, the value and what
+to do: types when the config is composed (the structured configs of owdfa_bench/config.py and
+owdfa_bench/data/sources.py), ranges in `check_config`, which `run` calls first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import compose_config
+from hydra.errors import ConfigCompositionException
+
+from owdfa_bench.checks import ConfigValueError
+from owdfa_bench.config import check_config
+from owdfa_bench.runner import run
+
+
+@pytest.mark.parametrize("value", ["1.5", "abc"])
+def test_a_seed_that_is_not_an_integer_fails_at_composition_naming_seed(value):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["method=lower_bound", f"seed={value}"])
+    assert str(err.value) == f"Error merging override seed={value}"  # one line: key and value
+    cause = str(err.value.__cause__)
+    assert "could not be converted to Integer" in cause and "full_key: seed" in cause
+
+
+def test_a_misspelt_key_fails_at_composition():
+    with pytest.raises(ConfigCompositionException, match="trainer.thread"):
+        compose_config(["method=lower_bound", "trainer.thread=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("seed=-1", "seed=-1: must be an integer >= 0; e.g. seed=2025"),
+        ("seed=4294967296", "seed=4294967296: must be at most 4294967295; e.g. seed=2025"),
+        ("selection=best", "selection='best': must be one of last, best_on_test;"),
+        ("method.batch_size=0", "method.batch_size=0: must be an integer >= 1 (method=cal);"),
+        ("method.epochs=0", "method.epochs=0: must be an integer >= 1 (method=cal);"),
+        ("method.sampler=random", "method.sampler='random': must be one of weighted,"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0: must be an integer >= 1 or null;"),
+        ("trainer.threads=-1", "trainer.threads=-1: must be an integer >= 0 or null;"),
+        ("trainer.num_workers=-2", "trainer.num_workers=-2: must be an integer >= 0;"),
+        ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches=1.5: must be null (all)"),
+        ("k=unknown k.estimate=0", "k.estimate=0: must be an integer >= 1 or null;"),
+        ("data.image_size=-1", "data.image_size=-1: must be an integer >= 8;"),
+        ("data.image_size=36", "data.image_size=36: data=synth renders a multiple of 8"),
+        ("data.test_ratio=1.5", "data.test_ratio=1.5: must be a fraction in [0, 1];"),
+        ("data.labelled_fraction=-0.1", "data.labelled_fraction=-0.1: must be a fraction in"),
+        ("data.max_unreadable_fraction=2", "data.max_unreadable_fraction=2.0: must be a fraction"),
+        ("data.budgets.known=0", "data.budgets.known=0: must be an integer >= 1;"),
+        ("data.pretrain.batch_size=1", "data.pretrain.batch_size=1: must be an integer >= 2;"),
+        ("data.pretrain.epochs=0", "data.pretrain.epochs=0: must be an integer >= 1;"),
+        ("data.generator.strength=-1", "data.generator.strength=-1.0: must be a finite number"),
+    ],
+)
+def test_a_value_out_of_range_fails_with_one_line_naming_it(override, message):
+    cfg = compose_config(["method=cal", *override.split()])  # composes: the type is right
+    with pytest.raises(ConfigValueError) as err:
+        check_config(cfg)
+    text = str(err.value)
+    assert text.startswith(message), text
+    assert "\n" not in text and "; e.g. " in text  # one line, ending in what to set
+
+
+def test_real_data_allows_any_image_size_from_8():
+    check_config(compose_config(["method=cal", "data=owdfa40", "data.image_size=12"]))
+    with pytest.raises(ConfigValueError, match="data.image_size=4: must be an integer >= 8"):
+        check_config(compose_config(["method=cal", "data=owdfa40", "data.image_size=4"]))
+
+
+def test_every_shipped_option_passes_the_checks():
+    for group, option in [("trainer", t) for t in ("cpu", "gpu", "ddp", "smoke")] + [
+        ("k", "unknown"),
+        ("data", "owdfa40"),
+    ]:
+        check_config(compose_config(["method=cal", f"{group}={option}"]))
+    check_config(compose_config(["method=cal", "data=owdfa23", "protocol=owdfa23_p1"]))
+
+
+def test_run_refuses_a_bad_value_before_writing_anything(make_cfg):
+    cfg = make_cfg("method=lower_bound", "method.batch_size=0")
+    with pytest.raises(ConfigValueError, match="method.batch_size=0"):
+        run(cfg)
+    assert not Path(cfg.run_dir).exists()
+
+
+def test_a_protocol_of_another_benchmark_is_refused(make_cfg):
+    from owdfa_bench.data.datamodule import build_splits
+
+    cfg = make_cfg("method=lower_bound", "protocol=owdfa23_p1")
+    with pytest.raises(ValueError, match="protocol=owdfa23_p1 is a protocol of owdfa23, but"):
+        build_splits(cfg.data, cfg.protocol)
