@@ -1,0 +1,35 @@
+"""The one CPU schedule all methods share on data=synth, and the per-method presets beside it."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from conftest import CONF, compose_config
+
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+SCHEDULE = yaml.safe_load((CONF / "schedule" / "synth.yaml").read_text())["method"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_the_shared_schedule_on_synth(method):
+    cfg = compose_config([f"method={method}"])
+    reference = yaml.safe_load((CONF / "method" / f"{method}.yaml").read_text())
+    assert cfg.method.epochs == SCHEDULE["epochs"] and cfg.method.batch_size == 32
+    if reference["optim"]["name"] == "sgd":  # SGD recipes keep their own lr (cosine schedule)
+        assert cfg.method.optim.lr == reference["optim"]["lr"]
+    else:
+        assert cfg.method.optim.lr == SCHEDULE["optim"]["lr"]
+
+
+def test_presets_hold_only_what_differs_from_the_schedule():
+    for path in (CONF / "preset").glob("synth_*.yaml"):
+        preset = yaml.safe_load(path.read_text())["method"]
+        assert "epochs" not in preset and "batch_size" not in preset, path.name
+        assert preset.get("optim", {}).get("lr") in (None, 0.1), path.name
+
+
+def test_real_data_keeps_the_reference_schedule():
+    cfg = compose_config(["data=owdfa40", "method=cal", "data.root=/nonexistent"])
+    assert cfg.method.epochs == 50 and cfg.method.batch_size == 128 and cfg.method.optim.lr == 2e-4
+    paper = compose_config(["data=synth_paper", "method=cal"])
+    assert paper.method.epochs == 50 and paper.data.image_size == 256
