@@ -53,7 +53,8 @@ from timm.layers import CondConv2d
 from torch import nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from methods.cpl import CPL, margin_cross_entropy
+from methods.common_losses import margin_cross_entropy
+from methods.cpl import CPL
 from owdfa_bench.method import Problem, TrainBatch
 from owdfa_bench.models import PrototypeHead, build_backbone
 

@@ -1,7 +1,8 @@
-"""Loss terms and small heads shared by the GCD-family baselines (ORCA, SimGCD, GCD, RankStats).
+"""Loss terms, small heads and head-size rules shared by more than one method.
 
-Pure functions on tensors, so each is tested on hand-made inputs. What each computes follows
-methods.md Part B; the reference it mirrors is named in each docstring.
+Pure functions on tensors, so each is tested on hand-made inputs; the reference each mirrors is
+named in its docstring. A term two methods use lives here, so a method never imports another
+method's module.
 """
 
 from __future__ import annotations
@@ -106,25 +107,64 @@ def entropy_of_mean(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return -(p * p.log()).sum()
 
 
-def pairwise_bce(similarity: torch.Tensor, same: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+def pairwise_bce(
+    similarity: torch.Tensor, same: torch.Tensor | None = None, eps: float = 0.0
+) -> torch.Tensor:
     """Pairwise binary cross-entropy on inner products of probability vectors.
 
-    similarity: <p_i, q_j> per pair (any shape); same: bool of the same shape (pseudo label).
-    Loss per pair: -log(s + eps) if same else -log(1 - s + eps), the log clamped at -100 as in
-    `nn.BCELoss`, then the mean. ORCA uses eps 0 with every pair positive (its `BCELoss` against
-    ones); RankStats' `BCE` uses eps 1e-7 with +-1 targets.
+    similarity: <p_i, q_j> per pair (any shape); same: bool of the same shape (pseudo label),
+    None when every pair is positive. Loss per pair: -log(s + eps) if same else
+    -log(1 - s + eps), the log clamped at -100 as in `nn.BCELoss`, then the mean. ORCA, CPL's
+    GLV and MPSL's MPV use eps 0 with every pair positive (a `BCELoss` against ones);
+    RankStats' `BCE` uses eps 1e-7 with +-1 targets.
     """
-    target_prob = torch.where(same, similarity, 1.0 - similarity)
+    target_prob = similarity if same is None else torch.where(same, similarity, 1.0 - similarity)
     return -torch.log(target_prob + eps).clamp_min(-100.0).mean()
 
 
-# ----------------------------------------------------------------------------- OwMatch, LPS
+def margin_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, margin: float = 0.2
+) -> torch.Tensor:
+    """CE after adding `margin` to each row's target logit (CPL's MarginLoss(m=-0.2); ORCA's
+    adaptive margin passes its scaled value).
+
+    Zero (still attached to the graph) when there is no row.
+    """
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    shifted = logits + margin * F.one_hot(targets, logits.shape[1]).to(logits.dtype)
+    return F.cross_entropy(shifted, targets)
+
+
+def labelled_partners(
+    targets: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """For each labelled row a uniformly random other row of its class; itself if it is alone.
+
+    `targets` are the labels of the labelled rows (rows 0..L-1 of the batch). The pairing of
+    CPL's GLV and MPSL's MPV, and ORCA's labelled pairs.
+    """
+    n = targets.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long, device=targets.device)
+    same = targets[:, None] == targets[None, :]
+    others = same & ~torch.eye(n, dtype=torch.bool, device=targets.device)
+    # The argmax of i.i.d. uniform scores over the allowed rows is a uniform pick among them.
+    scores = torch.rand(n, n, generator=generator).to(targets.device)
+    scores = scores.masked_fill(~others, -1.0)
+    pick = scores.argmax(dim=1)
+    return torch.where(others.any(dim=1), pick, torch.arange(n, device=targets.device))
+
+
+# ----------------------------------------------------------------------------- head sizes
 def open_world_head_rows(problem, unknown_k_factor: float = 2.0) -> int:
-    """Head size of the open-world SSL ports (ORCA family: OwMatch, LPS).
+    """Head size of the open-world methods without an estimator of their own (CPL, CDAL, MPSL,
+    ORCA, RankStats, OwMatch, LPS).
 
     k=known: the true total K, as their references assume. k=unknown: the user's `k.estimate`
-    when given, else `unknown_k_factor` x K_known (a rule of the harness; neither reference has
-    an estimator). It never reads the true total under k=unknown.
+    when given, else `unknown_k_factor` x K_known (a rule of the harness; none of the references
+    has an estimator), at least one row more than the known classes. It never reads the true
+    total under k=unknown.
     """
     if problem.k_mode == "known":
         return int(problem.num_classes)
@@ -135,9 +175,8 @@ def open_world_head_rows(problem, unknown_k_factor: float = 2.0) -> int:
 
 # ----------------------------------------------------------------------------- SimGCD family
 # SimGCD's terms (github.com/CVMI-Lab/SimGCD @ f843f27, `model.py`: `DistillLoss`,
-# `get_params_groups`; `train.py`: me-max) for the ports built on SimGCD (LegoGCD, ProtoGCD,
-# PAL-GCD). They compute exactly what the functions of the same names in methods/simgcd.py
-# compute; they live here so that a method never imports another method's module.
+# `get_params_groups`; `train.py`: me-max), for SimGCD and the ports built on it (LegoGCD,
+# ProtoGCD, PAL-GCD).
 def simgcd_head_rows(problem, unknown_k_factor: float = 2.0) -> int:
     """Prototype count of the SimGCD family: true K (k=known); under k=unknown the user's
     `k.estimate`, else `unknown_k_factor` x the true total (SimGCD's appendix over-estimate,

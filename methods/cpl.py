@@ -59,6 +59,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.common_losses import (
+    entropy_of_mean,
+    labelled_partners,
+    margin_cross_entropy,
+    open_world_head_rows,
+    pairwise_bce,
+)
 from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch
 from owdfa_bench.models import BNNeck, PrototypeHead, build_backbone, custom_avg_pool2d
 
@@ -116,34 +123,12 @@ class CPLHead(nn.Module):
         return self.logits(f_g), f_g, f_p
 
 
-def head_rows(problem: Problem, unknown_k_factor: int) -> int:
-    """Number of classifier rows: the true K when known, else the user's estimate or a multiple."""
-    if problem.k_mode == "known":
-        return problem.num_classes
-    if problem.k_estimate is not None:
-        return int(problem.k_estimate)
-    return int(unknown_k_factor) * problem.num_known
-
-
 # ----------------------------------------------------------------------------- losses
 
 
 def labelled_first(labelled: torch.Tensor) -> torch.Tensor:
     """Row order that puts the labelled rows first, each group in its batch order."""
     return torch.cat([torch.nonzero(labelled).flatten(), torch.nonzero(~labelled).flatten()])
-
-
-def margin_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, margin: float = 0.2
-) -> torch.Tensor:
-    """CE after adding `margin` to each row's target logit (the reference's MarginLoss(m=-0.2)).
-
-    Zero (still attached to the graph) when there is no row.
-    """
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    shifted = logits + margin * F.one_hot(targets, logits.shape[1]).to(logits.dtype)
-    return F.cross_entropy(shifted, targets)
 
 
 def local_similarity(parts: torch.Tensor) -> torch.Tensor:
@@ -161,25 +146,6 @@ def local_similarity(parts: torch.Tensor) -> torch.Tensor:
 def global_similarity(features: torch.Tensor) -> torch.Tensor:
     unit = F.normalize(features, dim=1)
     return unit @ unit.t()
-
-
-def labelled_partners(
-    targets: torch.Tensor, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """For each labelled row a uniformly random other row of its class; itself if it is alone.
-
-    `targets` are the labels of the labelled rows (rows 0..L-1 of the batch).
-    """
-    n = targets.shape[0]
-    if n == 0:
-        return torch.zeros(0, dtype=torch.long, device=targets.device)
-    same = targets[:, None] == targets[None, :]
-    others = same & ~torch.eye(n, dtype=torch.bool, device=targets.device)
-    # The argmax of i.i.d. uniform scores over the allowed rows is a uniform pick among them.
-    scores = torch.rand(n, n, generator=generator).to(targets.device)
-    scores = scores.masked_fill(~others, -1.0)
-    pick = scores.argmax(dim=1)
-    return torch.where(others.any(dim=1), pick, torch.arange(n, device=targets.device))
 
 
 def global_neighbours(g_sim: torch.Tensor, num_labelled: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,12 +192,6 @@ def glv_pairs(
     return partners, passed.float()
 
 
-def pair_bce_loss(probs: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:
-    """BCE(<p_i, p_partner(i)>, 1) averaged over rows, log clamped at -100 like PyTorch's BCE."""
-    similarity = (probs * probs[partners]).sum(dim=1)
-    return -torch.log(similarity).clamp(min=-100.0).mean()
-
-
 def sample_gumbel(
     shape: torch.Size | tuple[int, ...],
     generator: torch.Generator | None = None,
@@ -259,12 +219,6 @@ def soft_pseudo_label_loss(
     confidence = log_probs.exp().gather(1, target[:, None]).squeeze(1)
     weight = confidence if mask is None else confidence * mask
     return (-(soft * log_probs).sum(dim=1) * weight).mean()
-
-
-def marginal_entropy(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """H(mean_i p_i) with the mean clamped at `eps` (the reference's `entropy`)."""
-    mean = probs.mean(dim=0).clamp(min=eps)
-    return -(mean * mean.log()).sum()
 
 
 def cpl_total(
@@ -305,9 +259,9 @@ def cpl_losses(
     probs = torch.softmax(logits, dim=1)
     ce = margin_cross_entropy(logits[:num_labelled], targets, margin)
     partners, mask = glv_pairs(targets, f_g, f_p, generator)
-    glv = pair_bce_loss(probs, partners)
+    glv = pairwise_bce((probs * probs[partners]).sum(dim=1))  # BCE(<p_i, p_partner(i)>, 1)
     csp = soft_pseudo_label_loss(logits[num_labelled:], gumbel, mask)
-    entropy = marginal_entropy(probs)
+    entropy = entropy_of_mean(probs)
     total = cpl_total(ce, glv, csp, entropy, eta_pair, eta_pseudo, eta_entropy)
     return {
         "loss": total,
@@ -345,7 +299,7 @@ class CPL(OWDFAMethod):
         self.margin = float(margin)
         self.eta_glv, self.eta_csp = float(eta_glv), float(eta_csp)
         self.eta_entropy = float(eta_entropy)
-        self.num_rows = head_rows(problem, unknown_k_factor)
+        self.num_rows = open_world_head_rows(problem, unknown_k_factor)
         self.backbone = self.build_feature_extractor(dict(backbone or {}))
         self.classifier = self.build_classifier(self.final_channels(), part_grid, dropout)
 

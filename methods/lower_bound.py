@@ -12,30 +12,9 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch
-from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead
-
-
-class SupervisedClassifier(OWDFAMethod):
-    """Encoder + dropout + prototype head trained with cross-entropy on one view."""
-
-    train_views: ClassVar[tuple[str, ...]] = ("weak",)
-
-    def __init__(
-        self, problem: Problem, optim: dict, backbone: dict, num_outputs: int, dropout: float = 0.2
-    ):
-        super().__init__(problem, optim)
-        self.encoder = GlobalFeatureEncoder(backbone)
-        self.dropout = nn.Dropout(dropout)
-        self.head = PrototypeHead(self.encoder.dim, num_outputs)
-
-    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.encoder(x)))
-
-    def supervised_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, y)
+from owdfa_bench.method import Problem, TrainBatch
+from owdfa_bench.models import SupervisedClassifier
 
 
 class LowerBound(SupervisedClassifier):
@@ -46,5 +25,5 @@ class LowerBound(SupervisedClassifier):
 
     def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         logits = self.predict_logits(batch.views[0])
-        loss = self.supervised_loss(logits[batch.labelled], batch.y[batch.labelled])
+        loss = F.cross_entropy(logits[batch.labelled], batch.y[batch.labelled])
         return {"loss": loss, "ce": loss.detach()}

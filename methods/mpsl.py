@@ -44,18 +44,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.common_losses import (
+    entropy_of_mean,
+    labelled_partners,
+    margin_cross_entropy,
+    pairwise_bce,
+)
 from methods.cpl import (
     CPL,
     PartNecks,
     cpl_total,
     global_neighbours,
     global_similarity,
-    labelled_partners,
     local_similarity,
-    margin_cross_entropy,
-    marginal_entropy,
     mean_or_zero,
-    pair_bce_loss,
     part_features,
     sample_gumbel,
     soft_pseudo_label_loss,
@@ -161,9 +163,9 @@ def mpsl_losses(
     probs = torch.softmax(logits, dim=1)
     ce = margin_cross_entropy(logits[:num_labelled], targets, margin)
     partners, both, either = mpv_pairs(targets, f_g, bands, parts, generator)
-    mpv = pair_bce_loss(probs, partners)
+    mpv = pairwise_bce((probs * probs[partners]).sum(dim=1))  # BCE(<p_i, p_partner(i)>, 1)
     fcp = soft_pseudo_label_loss(logits[num_labelled:], gumbel, mask=None)
-    entropy = marginal_entropy(probs)
+    entropy = entropy_of_mean(probs)
     total = cpl_total(ce, mpv, fcp, entropy, eta_mpv, eta_fcp, eta_entropy)
     return {
         "loss": total,

@@ -40,9 +40,9 @@ Deliberate deviations from the reference:
     at every epoch start, epoch 0 included, like the reference. `margin_source:
     previous_epoch` instead uses the mean confidence of the previous epoch's training rows that
     were unlabelled (view 1, train mode; m = 0.5 in epoch 0): no extra pass, not the reference.
-  * The labelled partner is drawn with torch's RNG (CPL's `labelled_partners`), not NumPy's;
-    the nearest neighbour excludes the row itself instead of taking the 2nd of the top-2 (they
-    differ only when another row has exactly the same feature).
+  * The labelled partner is drawn with torch's RNG (`common_losses.labelled_partners`, as
+    CPL), not NumPy's; the nearest neighbour excludes the row itself instead of taking the 2nd
+    of the top-2 (they differ only when another row has exactly the same feature).
   * A batch without labelled rows (weighted sampler only) gets zero CE.
 """
 
@@ -55,8 +55,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.common_losses import cosine_logits, entropy_of_mean, pairwise_bce
-from methods.cpl import head_rows, labelled_partners, margin_cross_entropy
+from methods.common_losses import (
+    cosine_logits,
+    entropy_of_mean,
+    labelled_partners,
+    margin_cross_entropy,
+    open_world_head_rows,
+    pairwise_bce,
+)
 from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch
 from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead
 
@@ -107,7 +113,7 @@ def orca_losses(
     partners = orca_partners(features_v1, y, labelled, generator)
     pair_sim = (p1 * p2[partners]).sum(dim=1)
     ce = margin_cross_entropy(logits_v1[labelled], y[labelled], scale * margin)
-    pair = pairwise_bce(pair_sim, torch.ones_like(pair_sim, dtype=torch.bool))
+    pair = pairwise_bce(pair_sim)
     entropy = entropy_of_mean(p1)
     return {"loss": ce + pair - entropy, "ce": ce, "pair": pair, "entropy": entropy}
 
@@ -137,7 +143,7 @@ class ORCA(OWDFAMethod):
         self.margin_source = margin_source
         self.encoder = GlobalFeatureEncoder(backbone)
         self.dropout = nn.Dropout(dropout)
-        self.head = PrototypeHead(self.encoder.dim, head_rows(problem, unknown_k_factor))
+        self.head = PrototypeHead(self.encoder.dim, open_world_head_rows(problem, unknown_k_factor))
         self.margin = self.margin_cap  # before any confidence is measured (u ~ 1 at init)
         self.register_buffer(
             "usage", torch.zeros(self.head.active, dtype=torch.long), persistent=False

@@ -53,8 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.common_losses import masked_cross_entropy, pairwise_bce
-from methods.cpl import head_rows
+from methods.common_losses import masked_cross_entropy, open_world_head_rows, pairwise_bce
 from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch
 from owdfa_bench.models import GlobalFeatureEncoder
 
@@ -134,7 +133,7 @@ class RankStats(OWDFAMethod):
         unknown_k_factor: int = 2,
     ):
         super().__init__(problem, optim)
-        num_classes = head_rows(problem, unknown_k_factor)
+        num_classes = open_world_head_rows(problem, unknown_k_factor)
         num_novel = num_classes - problem.num_known
         if num_novel < 1:
             raise ValueError(

@@ -42,7 +42,6 @@ Deliberate deviations from the reference:
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -50,54 +49,18 @@ import torch.nn.functional as F
 
 from methods.common_losses import (
     cosine_logits,
-    entropy_of_mean,
+    decay_groups,
     info_nce_loss,
     masked_cross_entropy,
+    mean_entropy_gap,
     projection_mlp,
+    self_distillation_loss,
+    simgcd_head_rows,
     supcon_loss,
+    teacher_temperature,
 )
 from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, build_optimizer
 from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead
-
-
-def simgcd_head_rows(problem: Problem, unknown_k_factor: float) -> int:
-    """Prototype count: true K (k=known); user estimate, else factor x true K (k=unknown)."""
-    if problem.k_mode == "known":
-        return problem.num_classes
-    if problem.k_estimate is not None:
-        return int(problem.k_estimate)
-    return max(problem.num_known + 1, int(round(unknown_k_factor * problem.num_classes)))
-
-
-def teacher_temperature(epoch: int, warmup_epochs: int, start: float = 0.07, end: float = 0.04):
-    """SimGCD's schedule: `np.linspace(start, end, warmup_epochs)` per epoch, then `end`."""
-    if warmup_epochs <= 0 or epoch >= warmup_epochs:
-        return float(end)
-    if warmup_epochs == 1:
-        return float(start)
-    return float(start + (end - start) * epoch / (warmup_epochs - 1))
-
-
-def self_distillation_loss(
-    logits_v1: torch.Tensor,
-    logits_v2: torch.Tensor,
-    teacher_temp: float,
-    student_temp: float = 0.1,
-) -> torch.Tensor:
-    """Mean of the two cross-view terms -sum_c q_t log p_s (SimGCD's `DistillLoss`, 2 crops).
-
-    Student: log_softmax(l / student_temp); teacher: softmax(l_other / teacher_temp), detached.
-    """
-    terms = []
-    for student, teacher in ((logits_v1, logits_v2), (logits_v2, logits_v1)):
-        q = F.softmax(teacher.detach() / teacher_temp, dim=1)
-        terms.append(-(q * F.log_softmax(student / student_temp, dim=1)).sum(1).mean())
-    return (terms[0] + terms[1]) / 2
-
-
-def mean_entropy_gap(probs: torch.Tensor) -> torch.Tensor:
-    """SimGCD's me-max term: log C - H(mean of the rows), >= 0, zero for a uniform mean."""
-    return math.log(probs.shape[1]) - entropy_of_mean(probs)
 
 
 def simgcd_total(
@@ -112,16 +75,6 @@ def simgcd_total(
         + (1 - lam) * terms["infonce"]
         + lam * terms["supcon"]
     )
-
-
-def decay_groups(module: torch.nn.Module) -> list[dict[str, Any]]:
-    """SimGCD's `get_params_groups`: no weight decay on biases and 1-d (norm) parameters."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class SimGCD(OWDFAMethod):

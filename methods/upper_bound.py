@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
-from methods.lower_bound import SupervisedClassifier
 from owdfa_bench.method import Problem, TrainBatch
+from owdfa_bench.models import SupervisedClassifier
 
 
 class UpperBound(SupervisedClassifier):
@@ -21,5 +22,5 @@ class UpperBound(SupervisedClassifier):
         super().__init__(problem, optim, backbone, problem.num_classes, dropout)
 
     def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        loss = self.supervised_loss(self.predict_logits(batch.views[0]), batch.y_true)
+        loss = F.cross_entropy(self.predict_logits(batch.views[0]), batch.y_true)
         return {"loss": loss, "ce": loss.detach()}

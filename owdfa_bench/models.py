@@ -1,4 +1,5 @@
-"""Model parts shared by the methods: backbone, the reference's pooling, BNNeck, prototype head.
+"""Model parts shared by the methods: backbone, the reference's pooling, BNNeck, prototype head,
+and the supervised classifier both bounds train.
 
 Every OW-DFA reference (CAL, CPL, CDAL) builds the same blocks (methods.md 1.1-1.3); they live
 here once so that a method file holds only what is specific to it.
@@ -8,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from owdfa_bench.method import OWDFAMethod, Problem
 
 
 def build_backbone(
@@ -143,3 +147,26 @@ class GlobalFeatureEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.feature_map(x))
+
+class SupervisedClassifier(OWDFAMethod):
+    """Encoder + dropout + prototype head trained with cross-entropy on one view: the model of
+    the lower and upper bounds (methods/lower_bound.py, methods/upper_bound.py), which differ
+    only in their outputs and the rows they learn from."""
+
+    train_views: ClassVar[tuple[str, ...]] = ("weak",)
+
+    def __init__(
+        self,
+        problem: Problem,
+        optim: dict[str, Any],
+        backbone: dict[str, Any],
+        num_outputs: int,
+        dropout: float = 0.2,
+    ):
+        super().__init__(problem, optim)
+        self.encoder = GlobalFeatureEncoder(backbone)
+        self.dropout = nn.Dropout(dropout)
+        self.head = PrototypeHead(self.encoder.dim, num_outputs)
+
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.encoder(x)))

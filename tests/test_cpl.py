@@ -9,17 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from methods.common_losses import (
+    entropy_of_mean,
+    labelled_partners,
+    margin_cross_entropy,
+    pairwise_bce,
+)
 from methods.cpl import (
     CPL,
     cpl_losses,
     cpl_total,
     glv_pairs,
     labelled_first,
-    labelled_partners,
     local_similarity,
-    margin_cross_entropy,
-    marginal_entropy,
-    pair_bce_loss,
     part_features,
     sample_gumbel,
     soft_pseudo_label_loss,
@@ -175,15 +177,20 @@ def test_glv_pairs_any_batch_size():
 # ----------------------------------------------------------------------------- loss terms
 
 
+def pair_bce(probs: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:
+    """GLV's term as cpl_losses computes it: BCE(<p_i, p_partner(i)>, 1)."""
+    return pairwise_bce((probs * probs[partners]).sum(dim=1))
+
+
 def test_pair_bce_loss():
     # Similarities: <p0, p1> = 0.5*0.9 + 0.5*0.1 = 0.5; <p1, p0> = 0.5; <p2, p2> = 1.
     probs = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.0, 1.0]])
-    loss = pair_bce_loss(probs, torch.tensor([1, 0, 2]))
+    loss = pair_bce(probs, torch.tensor([1, 0, 2]))
     assert float(loss) == pytest.approx(2 * math.log(2) / 3, abs=1e-6)
     sims = torch.tensor([0.5, 0.5, 1.0])
     assert float(loss) == pytest.approx(float(F.binary_cross_entropy(sims, torch.ones(3))))
     # Orthogonal partners: -log 0 is clamped at 100 as in PyTorch's BCE.
-    hard = pair_bce_loss(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([1, 0]))
+    hard = pair_bce(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([1, 0]))
     assert float(hard) == pytest.approx(100.0)
 
 
@@ -226,11 +233,11 @@ def test_sample_gumbel_matches_torch_gumbel_softmax():
 
 
 def test_marginal_entropy():
-    assert float(marginal_entropy(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))) == pytest.approx(
+    assert float(entropy_of_mean(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))) == pytest.approx(
         math.log(2)
     )
-    # A collapsed mean [1, 0] is clamped: -(1e-8 * log 1e-8).
-    collapsed = marginal_entropy(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    # A collapsed mean [1, 0] is clamped: -(1e-8 * log 1e-8), the reference's `entropy`.
+    collapsed = entropy_of_mean(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
     assert float(collapsed) == pytest.approx(-1e-8 * math.log(1e-8), rel=1e-3)
 
 
@@ -248,7 +255,7 @@ def test_cpl_losses_on_the_hand_example():
     partners = torch.tensor([0, 1, 1, 0])
     mask = torch.tensor([0.0, 1.0, 1.0])
     assert float(terms["ce"]) == pytest.approx(float(margin_cross_entropy(logits[:1], targets)))
-    assert float(terms["glv"]) == pytest.approx(float(pair_bce_loss(probs, partners)))
+    assert float(terms["glv"]) == pytest.approx(float(pair_bce(probs, partners)))
     assert float(terms["csp"]) == pytest.approx(
         float(soft_pseudo_label_loss(logits[1:], gumbel, mask))
     )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods.cpl import margin_cross_entropy, marginal_entropy, pair_bce_loss
+from methods.common_losses import entropy_of_mean, margin_cross_entropy, pairwise_bce
 from methods.mpsl import MPSL, haar_high_bands, mpsl_losses, mpv_pairs, summed_cosine
 from owdfa_bench.method import Problem, TrainBatch
 
@@ -101,12 +101,13 @@ def test_mpsl_losses_combine_unmasked_fcp():
     )
     partners, _, _ = mpv_pairs(targets, f_g, bands, parts)
     probs = torch.softmax(logits, dim=1)
-    assert float(terms["mpv"]) == pytest.approx(float(pair_bce_loss(probs, partners)))
+    similarity = (probs * probs[partners]).sum(dim=1)
+    assert float(terms["mpv"]) == pytest.approx(float(pairwise_bce(similarity)))
     expected = (
         margin_cross_entropy(logits[:2], targets)
         + 0.5 * terms["mpv"]
         + 0.5 * terms["fcp"]
-        - marginal_entropy(probs)
+        - entropy_of_mean(probs)
     )
     assert float(terms["loss"]) == pytest.approx(float(expected))
     assert 0.0 <= float(terms["mpv_pass_rate"]) <= float(terms["mpv_either_rate"]) <= 1.0
