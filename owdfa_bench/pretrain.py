@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ class PretrainSettings:
     methods_per_family: int = 12  # corpus forgery methods per family (S, R, E, G)
     images_per_method: int = 60
     real_images: int = 600
-    strength: float = synth.DEFAULT_STRENGTH
+    strength: float = field(default_factory=lambda: synth.SynthParams().strength)
     generator_seed: int = 0  # the benchmark's generator seed (the corpus offsets it)
     epochs: int = 5
     batch_size: int = 64
@@ -88,17 +88,16 @@ class PretrainSettings:
 
 def settings_from_config(pretrain_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]):
     """PretrainSettings from `data.pretrain`; backbone, size and generator follow `data`."""
-    gen = data_cfg.get("generator") or {}
-    backbone = data_cfg.get("backbone") or {}
+    gen, backbone = data_cfg["generator"], data_cfg["backbone"]  # the schema guarantees them
     own = {
         k: v for k, v in dict(pretrain_cfg).items() if k in PretrainSettings.__dataclass_fields__
     }
     return PretrainSettings(
         **{
-            "backbone": str(backbone.get("name", "resnet18")),
-            "image_size": int(data_cfg.get("image_size", 32)),
-            "strength": float(gen.get("strength", synth.DEFAULT_STRENGTH)),
-            "generator_seed": int(gen.get("seed", 0)),
+            "backbone": str(backbone["name"]),
+            "image_size": int(data_cfg["image_size"]),
+            "strength": float(gen["strength"]),
+            "generator_seed": int(gen["seed"]),
             **own,
         }
     )

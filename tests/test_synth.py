@@ -163,11 +163,14 @@ def test_budgets_larger_than_the_generated_set_are_refused(tmp_path):
         synth.ensure_synth_dataset(cfg)
 
 
-def test_config_default_strength_matches_the_code():
+def test_the_generator_values_have_one_source_the_yaml():
     cfg = yaml.safe_load((REPO / "conf" / "data" / "synth.yaml").read_text())
     assert cfg["name"] == "synth" and cfg["synthetic"] is True
-    assert cfg["generator"]["strength"] == synth.DEFAULT_STRENGTH
-    assert synth.synth_params_from_config(cfg) == synth.SynthParams()
+    assert synth.synth_params_from_config(cfg) == synth.SynthParams()  # defaults: the YAML's
+    assert synth.SynthParams().strength == cfg["generator"]["strength"]
+    assert not hasattr(synth, "DEFAULT_STRENGTH")
+    with pytest.raises(KeyError, match="generator"):  # no code default behind a missing key
+        synth.synth_params_from_config({"image_size": 32})
 
 
 @pytest.mark.parametrize("code", ["S1", "S8", "R1", "R9", "E1", "E4", "G2", "G9"])
@@ -293,7 +296,7 @@ def probe_accuracy(names: list[str], strength: float, per_class: int = 36) -> fl
 
 def test_methods_are_separable_by_a_linear_probe_on_spectral_features():
     """Fast learnability check: two swap methods, a GAN and a latent-diffusion generator."""
-    assert probe_accuracy(["S1", "S3", "G2", "G7"], strength=synth.DEFAULT_STRENGTH) > 0.8
+    assert probe_accuracy(["S1", "S3", "G2", "G7"], strength=synth.SynthParams().strength) > 0.8
 
 
 def test_at_strength_zero_only_the_family_separates_methods():

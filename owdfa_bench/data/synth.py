@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = "1"
 GENERATOR_NAME = "owdfa-bench synth"
 MANIFEST_FILE = "manifest.json"
-DEFAULT_STRENGTH = 4.0  # keep equal to conf/data/synth.yaml generator.strength (a test checks)
 FAMILY_ORDER = ("REAL", "S", "R", "E", "G")
 FAMILY_NAMES = {"REAL": "Real", "S": "Swap", "R": "Reenact", "E": "Edit", "G": "Generate"}
 
@@ -122,15 +121,32 @@ def load_registry() -> list[SynthClass]:
     return classes
 
 
+@lru_cache(maxsize=1)
+def configured_params() -> dict[str, Any]:
+    """The generator settings of conf/data/synth.yaml (`image_size` and `generator`): what a
+    SynthParams takes for the fields it is not given, so the YAML is their one source."""
+    import yaml
+
+    from owdfa_bench.resources import conf_dir
+
+    data = yaml.safe_load((conf_dir() / "data" / "synth.yaml").read_text())
+    return {"image_size": data["image_size"], **data["generator"]}
+
+
+def _configured(name: str) -> Any:
+    return field(default_factory=lambda: configured_params()[name])
+
+
 @dataclass(frozen=True)
 class SynthParams:
-    """Everything the generated files depend on (with GENERATOR_VERSION)."""
+    """Everything the generated files depend on (with GENERATOR_VERSION); a field not given is
+    conf/data/synth.yaml's."""
 
-    image_size: int = 64
-    real_per_folder: int = 100
-    fakes_per_class: int = 40
-    strength: float = DEFAULT_STRENGTH
-    seed: int = 0
+    image_size: int = _configured("image_size")
+    real_per_folder: int = _configured("real_per_folder")
+    fakes_per_class: int = _configured("fakes_per_class")
+    strength: float = _configured("strength")
+    seed: int = _configured("seed")
 
     def __post_init__(self) -> None:
         if self.image_size < 32 or self.image_size % 8:
@@ -569,11 +585,11 @@ def _check_replaceable(root: Path) -> None:
 def generate_synth_dataset(
     root: Path,
     *,
-    image_size: int = 64,
-    real_per_folder: int = 100,
-    fakes_per_class: int = 40,
-    strength: float = DEFAULT_STRENGTH,
-    seed: int = 0,
+    image_size: int,
+    real_per_folder: int,
+    fakes_per_class: int,
+    strength: float,
+    seed: int,
     workers: int | None = None,
 ) -> Path:
     """Write the synthetic OWDFA-40 tree and its manifest at `root`; returns `root`.
@@ -644,14 +660,15 @@ def _same_synth_data(theirs: Path, ours: Path) -> bool:
 
 
 def synth_params_from_config(data_cfg: Mapping[str, Any]) -> SynthParams:
-    """SynthParams from a `data` config (`image_size` plus the `generator` block)."""
-    gen = data_cfg.get("generator") or {}
+    """SynthParams from a `data` config (`image_size` plus the `generator` block; the schema,
+    owdfa_bench/data/sources.py SynthSource, guarantees both)."""
+    gen = data_cfg["generator"]
     return SynthParams(
-        image_size=int(data_cfg.get("image_size", 64)),
-        real_per_folder=int(gen.get("real_per_folder", 100)),
-        fakes_per_class=int(gen.get("fakes_per_class", 40)),
-        strength=float(gen.get("strength", DEFAULT_STRENGTH)),
-        seed=int(gen.get("seed", 0)),
+        image_size=int(data_cfg["image_size"]),
+        real_per_folder=int(gen["real_per_folder"]),
+        fakes_per_class=int(gen["fakes_per_class"]),
+        strength=float(gen["strength"]),
+        seed=int(gen["seed"]),
     )
 
 
@@ -804,9 +821,10 @@ def cli_synth_preview(argv: list[str]) -> int:
         help="an existing synth folder to show, or where to generate one "
         "(default: the user cache, keyed by the parameters)",
     )
-    parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    configured = SynthParams()  # conf/data/synth.yaml: the set `data=synth` trains on
+    parser.add_argument("--strength", type=float, default=configured.strength)
+    parser.add_argument("--image-size", type=int, default=configured.image_size)
+    parser.add_argument("--seed", type=int, default=configured.seed)
     args = parser.parse_args(argv)
     if args.per_class < 1:
         parser.error("--per-class must be at least 1")
@@ -816,8 +834,8 @@ def cli_synth_preview(argv: list[str]) -> int:
         "generator": {
             "strength": args.strength,
             "seed": args.seed,
-            "real_per_folder": max(100, args.per_class),
-            "fakes_per_class": max(40, args.per_class),
+            "real_per_folder": max(configured.real_per_folder, args.per_class),
+            "fakes_per_class": max(configured.fakes_per_class, args.per_class),
         },
     }
     if args.root is not None and _read_manifest(args.root) is not None:
