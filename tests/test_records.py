@@ -56,3 +56,19 @@ def test_the_report_reads_records_through_the_type(tmp_path):
     row = load_records(tmp_path).iloc[0]
     assert row["method"] == "cal" and row["all_acc"] == 0.5 and row["k_curve"] == [20, 9]
     assert row["unreadable_images"] == 1 and row["path"] == "cal/p1/k-known/seed-1/results.json"
+
+
+def test_the_cell_config_drops_how_the_trainer_is_built_but_keeps_what_the_method_is():
+    from owdfa_bench.report.collect import config_without_seed
+
+    config = {
+        "seed": 1,
+        "trainer": {"_target_": "lightning.pytorch.Trainer", "callbacks": {}, "precision": "32"},
+        "method": {"model": {"_target_": "methods.cal.CAL"}},
+        "data": {"_target_": "owdfa_bench.data.sources.SynthSource", "name": "synth"},
+    }
+    assert config_without_seed(config, 1) == {
+        "trainer": {"precision": "32"},
+        "method": {"model": {"_target_": "methods.cal.CAL"}},
+        "data": {"name": "synth"},
+    }

@@ -110,14 +110,14 @@ def config_without_seed(config: Any, seed: Any) -> Any:
     such as run-folder names.
     """
     volatile = {"seed", "split_seed", "paths", "output_dir", *HASH_EXCLUDED_KEYS}
-    volatile |= set(HASH_EXCLUDED_TRAINER_KEYS)
     # Only "seed-2025", "seed_2025", "seed=2025", "seed2025": a bare "1" must not mask "p1".
     seed_in_text = (
         None if seed is None else re.compile(rf"(seed[-_=]?){re.escape(str(seed))}(?!\d)")
     )
     if isinstance(config, dict):
         config = copy.deepcopy(config)
-        for path in HASH_EXCLUDED_PATHS:
+        trainer_paths = [("trainer", key) for key in HASH_EXCLUDED_TRAINER_KEYS]
+        for path in [*HASH_EXCLUDED_PATHS, *trainer_paths]:
             node: Any = config
             for key in path[:-1]:
                 node = node.get(key) if isinstance(node, dict) else None
