@@ -518,7 +518,6 @@ class CAL(OWDFAMethod):
         return trainer.strategy.reduce(t.to(self.device), reduce_op="sum").to(t.device)
 
 
-
 # ----------------------------------------------------------------------------- official checkpoints
 # The official CAL release (https://huggingface.co/hyzheng/OWDFA_CAL, Lightning 2.2.5) stores
 # `encoder.encoder.<timm resnet50>`, `encoder.fft_attn_module.*`, `encoder.bottleneck.*` and
