@@ -11,19 +11,19 @@ What it computes, per batch of two views (both views through the network as one 
           cosine prototypes on the L2-normalised f, logits l in [-1, 1]^C (C = K, or the
           k=unknown head size below). The same model as the harness's SimGCD.
   losses  L = (1 - lam)(L_distill + L_dkl + eps L_memax) + lam L_cls + (1 - lam) L_infonce
-              + lam L_supcon + beta L_ler          (`train.py` l.150-160; lam 0.35, beta 2):
+              + lam L_supcon + beta L_ler          (`train.py` `train`; lam 0.35, beta 2):
           L_cls, L_distill, L_memax, L_infonce, L_supcon exactly as SimGCD (teacher temperature
                     0.07 -> 0.04, student 0.1);
           L_dkl     one-direction KL between the views' student distributions p1 = softmax(l1 /
                     0.1) and p2 = softmax(l2 / 0.1), both views carrying gradients, added inside
-                    `DistillLoss` (`model.py` l.236-241). The code applies `F.log_softmax` to
+                    `DistillLoss.forward` (`model.py`). The code applies `F.log_softmax` to
                     p1 and p2, which are already probabilities: DKL_i = sum_k p1_ik
                     (log_softmax(p1_i)_k - log_softmax(p2_i)_k). That is what runs here
                     (`dkl_form: code`); `dkl_form: kl` is the textbook sum p1 (log p1 - log p2)
                     the paper writes;
           L_ler     entropy minimisation on the unlabelled rows predicted *known* with
                     confidence: o_i = unlabelled & max softmax(l_i / 0.1) >= delta & argmax <
-                    K_known (predicted ids only; `train.py` l.94-146), LER_i = -sum_k
+                    K_known (predicted ids only, `train.py`), LER_i = -sum_k
                     softmax(l_i / 0.05)_k log softmax(l_i / 0.05 + 0.4 log q)_k with the target
                     NOT detached, L_ler = (1 / 2B) sum_i o_i LER_i (a mean over all rows);
           q         running class prior, uniform at the start, updated once per step after the
@@ -96,8 +96,9 @@ def dual_view_kl(
 ) -> torch.Tensor:
     """LegoGCD's DKL: mean over rows of sum_k p1_k (a_k - b_k), p_v = softmax(l_v / student_temp).
 
-    form "code" (`model.py` l.236-241): a = log_softmax(p1), b = log_softmax(p2), the log-softmax
-    of the probability vectors themselves. form "kl": a = log p1, b = log p2 (KL(p1 || p2)).
+    form "code" (`DistillLoss.forward`, `model.py`): a = log_softmax(p1), b = log_softmax(p2),
+    the log-softmax of the probability vectors themselves. form "kl": a = log p1, b = log p2
+    (KL(p1 || p2)).
     Both views carry gradients unless `detach_view2`.
     """
     if form not in DKL_FORMS:
@@ -120,7 +121,7 @@ def ler_selection(
     student_temp: float = 0.1,
 ) -> torch.Tensor:
     """Rows LER regularises: unlabelled, max softmax(l / student_temp) >= threshold, and the
-    argmax a known id (< num_known). Uses predictions only, never a label (`train.py` l.94-101)."""
+    argmax a known id (< num_known). Uses predictions only, never a label (`train.py`)."""
     probs = F.softmax(logits.detach() / student_temp, dim=1)
     confidence, predicted = probs.max(dim=1)
     return (~labelled) & (confidence >= threshold) & (predicted < num_known)
@@ -135,7 +136,7 @@ def local_entropy_loss(
 ) -> torch.Tensor:
     """L_ler = (1/N) sum_i o_i * -sum_k softmax(l_i/temp)_k log softmax(l_i/temp + adjust log q)_k.
 
-    The target softmax(l_i / temp) is not detached (`train.py` l.139-144), so with a uniform
+    The target softmax(l_i / temp) is not detached (`train.py`), so with a uniform
     prior q this is the Shannon entropy of softmax(l_i / temp). The mean runs over all N rows,
     unselected rows counting as zero.
     """
@@ -273,7 +274,7 @@ class LegoGCD(OWDFAMethod):
             ),
         }
         loss = legogcd_total(terms, self.sup_weight, self.memax_weight, self.ler_weight)
-        with torch.no_grad():  # after the loss, once per step (`train.py` l.146)
+        with torch.no_grad():  # after the loss, once per step (`train.py`: `update_qhat`)
             self.prior.copy_(update_class_prior(self.prior, logits, self.prior_momentum))
             self.usage += torch.bincount(l1.argmax(1), minlength=self.usage.numel())
         out = {"loss": loss, **{k: v.detach() for k, v in terms.items()}}

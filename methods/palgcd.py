@@ -198,7 +198,7 @@ def kreciprocal_expansion(rank: torch.Tensor, k1: int, block_rows: int = 2048):
         half_idx.append(h)
         half_mask.append(m)
     half_idx, half_mask = torch.cat(half_idx), torch.cat(half_mask)
-    out_idx, out_valid = [], []
+    out_idx = []
     for s in range(0, n, block_rows):
         rows = every[s : s + block_rows]
         cand, cmask = _reciprocal(rank, w1, rows)  # R(i): [B, w1]
@@ -220,9 +220,7 @@ def kreciprocal_expansion(rank: torch.Tensor, k1: int, block_rows: int = 2048):
         dup[:, 1:] = members[:, 1:] == members[:, :-1]
         members = members.masked_fill(dup, n).sort(dim=1).values
         width = int((members < n).sum(1).max())
-        members = members[:, :width]
-        out_idx.append(members)
-        out_valid.append(members < n)
+        out_idx.append(members[:, :width])
     width = max(t.shape[1] for t in out_idx)
     idx = torch.cat([F.pad(t, (0, width - t.shape[1]), value=n) for t in out_idx])
     valid = idx < n
@@ -230,7 +228,7 @@ def kreciprocal_expansion(rank: torch.Tensor, k1: int, block_rows: int = 2048):
 
 
 def kreciprocal_encoding(
-    x: torch.Tensor, rank: torch.Tensor, k1: int = 20, k2: int = 6, max_gather: int = 1 << 25
+    x: torch.Tensor, rank: torch.Tensor, k1: int = 20, k2: int = 6, max_gather: int = 1 << 24
 ) -> SparseRows:
     """The sparse k-reciprocal encoding V with local query expansion (`compute_jaccard_distance`).
 
@@ -330,8 +328,8 @@ def jaccard_pairs(
     terms_per_row = torch.zeros(n, dtype=torch.long, device=v.col.device)
     terms_per_row.index_add_(0, rows, later)
     # a > floor <=> distance 1 - a / (2 - a) < thresh; the margin keeps float ties for the exact
-    # test below
-    floor = 2.0 * (1.0 - thresh) / (2.0 - thresh) - 1e-6
+    # test below, and pairs that share no column (a = 0, distance 1) are never candidates
+    floor = max(0.0, 2.0 * (1.0 - thresh) / (2.0 - thresh) - 1e-6)
     max_rows = max(1, max_buffer // max(1, n))
     acc = torch.zeros(min(n, max_rows) * n, dtype=v.val.dtype, device=v.val.device)
     out_i, out_j, out_d = [], [], []
@@ -378,6 +376,9 @@ def kreciprocal_jaccard_pairs(
     """
     if not 0.0 < thresh <= 1.0:
         raise ValueError(f"thresh must be in (0, 1], got {thresh}")
+    if x.shape[0] < 2:
+        empty = torch.zeros(0, dtype=torch.long, device=x.device)
+        return empty, empty, x.new_zeros(0)
     t0 = time.perf_counter()
     rank = knn_ranks(x, k1)
     t1 = time.perf_counter()
@@ -455,7 +456,7 @@ class AssociationResult:
 
 def build_proxies(
     row_label: np.ndarray,
-    features: torch.Tensor,
+    features: torch.Tensor | Sequence[torch.Tensor],
     num_labelled: int,
     num_known: int,
     outlier_thresh: int,
@@ -463,30 +464,41 @@ def build_proxies(
     """`initialize_proxy_memory`: a proxy for each cluster with a labelled row (rows <
     num_labelled) or more than `outlier_thresh` rows; the proxy is the normalised mean of its
     members' features. New-cluster proxies are renumbered num_known, num_known + 1, ...
-    Returns (proxies [P, D], proxy_label [P], row_proxy [N])."""
-    labels = torch.as_tensor(row_label, dtype=torch.long, device=features.device)
+
+    `features`: [N, D], or consecutive row blocks of it (e.g. labelled then unlabelled rows),
+    so that no concatenated copy is needed. Returns (proxies [P, D], proxy_label [P],
+    row_proxy [N])."""
+    blocks = [features] if torch.is_tensor(features) else list(features)
+    device, dim = blocks[0].device, blocks[0].shape[1]
+    labels = torch.as_tensor(row_label, dtype=torch.long, device=device)
     n = labels.numel()
+    if n != sum(b.shape[0] for b in blocks):
+        raise ValueError(f"{n} row labels for {sum(b.shape[0] for b in blocks)} feature rows")
     member = labels >= 0
-    row_proxy = torch.full((n,), -1, dtype=torch.long, device=features.device)
+    row_proxy = torch.full((n,), -1, dtype=torch.long, device=device)
     if not bool(member.any()):
-        return features.new_zeros((0, features.shape[1])), labels.new_zeros(0), row_proxy
+        return blocks[0].new_zeros((0, dim)), labels.new_zeros(0), row_proxy
     ids, inverse = torch.unique(labels[member], return_inverse=True)
     size = torch.bincount(inverse, minlength=ids.numel())
-    is_lab = torch.zeros(n, dtype=torch.long, device=features.device)
+    is_lab = torch.zeros(n, dtype=torch.long, device=device)
     is_lab[:num_labelled] = 1
-    n_lab = torch.zeros(ids.numel(), dtype=torch.long, device=features.device)
+    n_lab = torch.zeros(ids.numel(), dtype=torch.long, device=device)
     n_lab.index_add_(0, inverse, is_lab[member])
     kept = (n_lab > 0) | (size > outlier_thresh)
-    proxy_of_id = torch.full((ids.numel(),), -1, dtype=torch.long, device=features.device)
-    proxy_of_id[kept] = torch.arange(int(kept.sum()), device=features.device)
+    n_proxies = int(kept.sum())
+    proxy_of_id = torch.full((ids.numel(),), -1, dtype=torch.long, device=device)
+    proxy_of_id[kept] = torch.arange(n_proxies, device=device)
     row_proxy[member] = proxy_of_id[inverse]
-    sums = features.new_zeros((int(kept.sum()), features.shape[1]))
-    ok = row_proxy >= 0
-    sums.index_add_(0, row_proxy[ok], features[ok])
-    proxies = F.normalize(sums, dim=1)
+    sums = blocks[0].new_zeros((n_proxies + 1, dim))  # the last row collects rows without one
+    start = 0
+    for block in blocks:
+        target = row_proxy[start : start + block.shape[0]]
+        sums.index_add_(0, torch.where(target >= 0, target, n_proxies), block)
+        start += block.shape[0]
+    proxies = F.normalize(sums[:n_proxies], dim=1)
     proxy_label = ids[kept].clone()
     new = proxy_label >= num_known
-    proxy_label[new] = num_known + torch.arange(int(new.sum()), device=features.device)
+    proxy_label[new] = num_known + torch.arange(int(new.sum()), device=device)
     return proxies, proxy_label, row_proxy
 
 
@@ -525,8 +537,10 @@ def associate(
     else:
         sel = np.arange(n_unl)
     sel_t = torch.as_tensor(sel, dtype=torch.long, device=device)
-    hybrid = torch.cat([centres, unlabelled[sel_t]])
     nc = classes.numel()
+    hybrid = unlabelled.new_empty((nc + sel.size, unlabelled.shape[1]))  # one copy of the rows
+    hybrid[:nc] = centres
+    torch.index_select(unlabelled, 0, sel_t, out=hybrid[nc:])
     t0 = time.perf_counter()
     phases: dict[str, Any] = {}
     pi, pj, pd = kreciprocal_jaccard_pairs(hybrid, thresh, k1, k2, num_fixed=nc, timings=phases)
@@ -538,13 +552,13 @@ def associate(
     centre_label = dict(zip(classes.cpu().tolist(), labels[:nc].tolist()))
     row_label[:n_lab] = [centre_label[c] for c in y.cpu().tolist()]
     row_label[n_lab + sel] = labels[nc:]
-    features = torch.cat([labelled, unlabelled])
+    del hybrid
     proxies, proxy_label, row_proxy = build_proxies(
-        row_label, features, n_lab, num_known, outlier_thresh
+        row_label, (labelled, unlabelled), n_lab, num_known, outlier_thresh
     )
     novel_clusters = np.unique(labels[labels >= num_known]).size
     stats = {
-        "rows_associated": int(hybrid.shape[0]),
+        "rows_associated": int(nc + sel.size),
         "unlabelled_sampled": int(sel.size),
         "pairs_below_thresh": int(pi.numel()),
         "new_clusters": int(novel_clusters),

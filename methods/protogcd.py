@@ -12,7 +12,7 @@ What it computes, per batch of two views (both views through the network as one 
           cosine prototypes P (rows of the head, L2-normalised) on the normalised f, logits
           l in [-1, 1]^C. The same model as the harness's SimGCD.
   losses  L = (1 - lam)(L_dapl + 2 L_ent + gamma L_sep) + lam L_cls + (1 - lam) L_infonce
-              + lam L_supcon                      (`train.py` l.69-109; lam 0.35, gamma 0.1):
+              + lam L_supcon                      (`train.py` `train`; lam 0.35, gamma 0.1):
           L_dapl    SimGCD's cross-view distillation with a DAPL teacher (`DistillLoss_ratio`):
                     q = softmax(sg(l) / 0.05) (fixed temperature, no warm-up); in each view, the
                     floor(B rho_e) rows with the largest top-1 / (top-2 + 1e-6) teacher ratio
@@ -22,14 +22,15 @@ What it computes, per batch of two views (both views through the network as one 
                     `dapl_init_ratio` to `dapl_final_ratio` over `dapl_ramp_epochs`, then final;
           L_ent     log C - H(mean over the 2B rows of softmax(l / 0.1)) (SimGCD's me-max);
           L_sep     (1/C) sum_i log((1/(C-1)) sum_{j != i} exp(P_i . P_j / 0.1)) on the
-                    normalised prototypes (rows whose term is NaN dropped, as the code does);
+                    normalised prototypes (the code drops rows whose term is NaN, which
+                    normalised non-zero rows never give);
           L_cls, L_infonce, L_supcon exactly as SimGCD.
   predict argmax of the logits; `predict_logits` returns l / 0.1 (the student scale).
 
 K: training uses the true K (k=known). The paper's estimator of the number of classes is not in
 the released code (`estimate_k.py`, named in a docstring, is absent; `DINOHead_k` is never
 called) and its formula could not be checked, so it is not implemented. Under k=unknown the
-head follows the harness's SimGCD rule, which E.2 of the port notes recommends: `k.estimate`
+head follows the harness's SimGCD rule (the rule of the SimGCD row it extends): `k.estimate`
 rows when given (e.g. GCD's Brent estimate from a `method=gcd k=unknown` run, which is K-free),
 else `unknown_k_factor` x the true total (default 2, SimGCD's over-estimate: it uses the truth
 as an upper bound). `k_estimated()` is the number of non-empty heads: prototypes that are the
@@ -62,6 +63,7 @@ Deliberate deviations from the official code:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -163,7 +165,7 @@ def prototype_separation_loss(prototypes: torch.Tensor, temp: float = 0.1) -> to
     off_diag = ~torch.eye(c, dtype=torch.bool, device=p.device)
     # log-mean-exp over j != i, computed stably
     masked = logits.masked_fill(~off_diag, float("-inf"))
-    per_row = torch.logsumexp(masked, dim=1) - torch.log(torch.tensor(float(c - 1)))
+    per_row = torch.logsumexp(masked, dim=1) - math.log(c - 1)
     return per_row.mean()
 
 

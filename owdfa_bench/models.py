@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from owdfa_bench.method import OWDFAMethod, Problem
+from owdfa_bench.weights import MissingWeightsError, missing_weights_message, resolve_backbone
 
 
 def build_backbone(
@@ -26,9 +27,11 @@ def build_backbone(
 
     `model.num_features` is the channel count of that map. `weights` is a local timm state dict
     (.safetensors or .pth; the synthetic benchmark's pretrained start is one), loaded by timm
-    with its classifier dropped. Otherwise `pretrained=True` downloads timm's weights through
-    huggingface_hub (real runs only; tests always pass False).
+    with its classifier dropped. Otherwise `pretrained=True` takes timm's weights from the
+    `owdfa-bench fetch-weights` cache, or downloads them through huggingface_hub (real runs
+    only; tests always pass False); weights that are neither raise `MissingWeightsError`.
     """
+    weights = weights or resolve_backbone({"name": name, "pretrained": pretrained}).get("weights")
     if weights:
         path = Path(str(weights)).expanduser()
         if not path.is_file():
@@ -44,7 +47,12 @@ def build_backbone(
             global_pool="",
             **kwargs,
         )
-    return timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="", **kwargs)
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0, global_pool="", **kwargs)
+    except Exception as err:  # the Hub's offline / connection / missing-entry errors
+        raise MissingWeightsError(missing_weights_message(name, err)) from err
 
 
 def custom_pool_geometry(size: int, out: int) -> tuple[int, int]:
@@ -147,6 +155,7 @@ class GlobalFeatureEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.feature_map(x))
+
 
 class SupervisedClassifier(OWDFAMethod):
     """Encoder + dropout + prototype head trained with cross-entropy on one view: the model of

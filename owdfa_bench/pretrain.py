@@ -32,15 +32,12 @@ import torch.nn.functional as F
 
 from owdfa_bench import cache
 from owdfa_bench.data import synth
+from owdfa_bench.data.corpus import CorpusSpec, render_corpus
 from owdfa_bench.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
 PRETRAIN_VERSION = "1"  # bump when a change alters the corpus or the training
-CORPUS_INDEX_BASE = 1000  # corpus methods use fingerprint seeds the 41 classes never use
-CORPUS_SEED_OFFSET = 7919  # identity / image seed = benchmark seed + this (other identities)
-CORPUS_FAMILIES = ("S", "R", "E", "G")
-_G_KINDS = ("gan", "diffusion", "latent_diffusion")
 WEIGHTS_FILE = "backbone.safetensors"
 MANIFEST_FILE = "manifest.json"
 
@@ -60,6 +57,11 @@ class PretrainSettings:
     batch_size: int = 64
     lr: float = 1.0e-3
     seed: int = 0  # initialisation, order and flips of the pretraining
+    # Fixed, not the run's: the CPU's thread count can change the last bits of the weights, and
+    # the cache must hold one result per settings whichever process (a sweep job with one
+    # thread, a single run with all cores) builds it first.
+    threads: int = 2
+    device: str = "cpu"  # "cuda" for the paper-scale variant (data=synth_paper)
 
     def __post_init__(self) -> None:
         checks = {
@@ -69,6 +71,7 @@ class PretrainSettings:
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 2,
             "lr": self.lr > 0 and math.isfinite(self.lr),
+            "threads": self.threads >= 1,
         }
         for key, ok in checks.items():
             if not ok:
@@ -84,6 +87,17 @@ class PretrainSettings:
             "generator_version": synth.GENERATOR_VERSION,
         }
         return cache.settings_hash({**versions, **asdict(self)}, length=10)
+
+    def corpus(self) -> CorpusSpec:
+        """What the corpus's pixels depend on (owdfa_bench/data/corpus.py)."""
+        return CorpusSpec(
+            image_size=self.image_size,
+            methods_per_family=self.methods_per_family,
+            images_per_method=self.images_per_method,
+            real_images=self.real_images,
+            strength=self.strength,
+            generator_seed=self.generator_seed,
+        )
 
 
 def settings_from_config(pretrain_cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]):
@@ -104,36 +118,7 @@ def settings_from_config(pretrain_cfg: Mapping[str, Any], data_cfg: Mapping[str,
 
 
 # ---------------------------------------------------------------------------------------------
-# the corpus
-
-
-def corpus_classes(methods_per_family: int) -> list[synth.SynthClass]:
-    """REAL, then `methods_per_family` synthetic methods of each family, none of the 41."""
-    classes = [synth.SynthClass(0, "REAL", "REAL", "Real", ("corpus_real",))]
-    for f, family in enumerate(CORPUS_FAMILIES):
-        for j in range(methods_per_family):
-            index = CORPUS_INDEX_BASE + f * methods_per_family + j
-            kind = _G_KINDS[j % len(_G_KINDS)] if family == "G" else None
-            code = f"{family}-corpus-{j}"
-            classes.append(synth.SynthClass(index, code, family, code, (code,), kind))
-    return classes
-
-
-def render_corpus(settings: PretrainSettings) -> tuple[np.ndarray, np.ndarray]:
-    """Images uint8 [N, H, W, 3] and labels [N] (0 = real, 1.. = corpus methods)."""
-    params = synth.SynthParams(
-        image_size=settings.image_size,
-        strength=settings.strength,
-        seed=settings.generator_seed + CORPUS_SEED_OFFSET,
-    )
-    images, labels = [], []
-    for label, cls in enumerate(corpus_classes(settings.methods_per_family)):
-        count = settings.real_images if cls.family == "REAL" else settings.images_per_method
-        for i in range(count):
-            folder = i % 2 if cls.family == "REAL" else 0  # both real camera sources
-            images.append(synth.render_sample(cls, folder, i, params).image)
-            labels.append(label)
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
+# training data
 
 
 def held_out_mask(labels: np.ndarray, fraction: float = 0.1) -> np.ndarray:
@@ -161,11 +146,23 @@ def pretrain_backbone(
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Supervised training on the corpus; the backbone's state dict (no classifier) and scores.
 
-    Adam with a cosine schedule over all steps, random horizontal flips; deterministic for the
-    settings' seed on one machine (the CPU's thread count may change the last bits).
+    Adam with a cosine schedule over all steps, random horizontal flips, `settings.threads`
+    CPU threads; deterministic for the settings on one machine and library build.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        return _train(settings, images, labels)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    settings: PretrainSettings, images: np.ndarray, labels: np.ndarray
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     import timm
 
+    device = torch.device(settings.device)
     held = held_out_mask(labels)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     y_all = torch.from_numpy(labels)
@@ -177,6 +174,7 @@ def pretrain_backbone(
     with torch.random.fork_rng():
         torch.manual_seed(settings.seed)
         model = timm.create_model(settings.backbone, pretrained=False, num_classes=num_classes)
+    model = model.to(device)
     steps_per_epoch = math.ceil(len(x_train) / settings.batch_size)
     total_steps = settings.epochs * steps_per_epoch
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
@@ -190,8 +188,8 @@ def pretrain_backbone(
                 continue
             x = _normalise(x_train[idx])
             flip = torch.rand(len(idx), generator=generator) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            loss = F.cross_entropy(model(x), y_train[idx])
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x).to(device)
+            loss = F.cross_entropy(model(x), y_train[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -199,7 +197,10 @@ def pretrain_backbone(
     model.eval()
     with torch.no_grad():
         preds = torch.cat(
-            [model(_normalise(x_val[i : i + 256])).argmax(1) for i in range(0, len(x_val), 256)]
+            [
+                model(_normalise(x_val[i : i + 256]).to(device)).argmax(1).cpu()
+                for i in range(0, len(x_val), 256)
+            ]
         )
     scores = {
         "held_out_acc": round(float((preds == y_val).float().mean()), 4),
@@ -209,7 +210,7 @@ def pretrain_backbone(
         "steps": total_steps,
     }
     model.reset_classifier(0)
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, scores
+    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def _build(settings: PretrainSettings, root: Path, problem: str) -> dict[str, An
     log.info(
         "pretrained start: building %s (%s; synthetic corpus, no benchmark data)", root, problem
     )
-    images, labels = render_corpus(settings)
+    images, labels = render_corpus(settings.corpus())
     t_render = time.perf_counter() - t0
     state, scores = pretrain_backbone(settings, images, labels)
     root.mkdir(parents=True, exist_ok=True)

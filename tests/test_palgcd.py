@@ -340,7 +340,9 @@ def test_cosine_factor_matches_torch_cosine_annealing():
     opt = torch.optim.SGD([param], lr=0.1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12, eta_min=0.1 * 1e-3)
     for epoch in range(12):
-        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * schedule_factor(epoch, 12, "cosine"))
+        assert opt.param_groups[0]["lr"] == pytest.approx(
+            0.1 * schedule_factor(epoch, 12, "cosine")
+        )
         opt.step()
         sched.step()
 

@@ -10,15 +10,10 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from owdfa_bench.data import synth
+from owdfa_bench.data.corpus import CORPUS_INDEX_BASE, corpus_classes, render_corpus
 from owdfa_bench.data.sources import SynthPretrain
 from owdfa_bench.models import build_backbone
-from owdfa_bench.pretrain import (
-    CORPUS_INDEX_BASE,
-    PretrainSettings,
-    corpus_classes,
-    ensure_pretrained,
-    render_corpus,
-)
+from owdfa_bench.pretrain import PretrainSettings, ensure_pretrained
 from owdfa_bench.runner import run
 
 TINY = PretrainSettings(
@@ -29,17 +24,17 @@ TINY = PretrainSettings(
     epochs=1,
     batch_size=8,
 )
-TINY_START = SynthPretrain(
-    methods_per_family=1,
-    images_per_method=4,
-    real_images=4,
-    epochs=1,
-    batch_size=8,
-    lr=0.001,
-    seed=0,
-    threads=1,
-    device="cpu",
-)
+TINY_START = {
+    "methods_per_family": 1,
+    "images_per_method": 4,
+    "real_images": 4,
+    "epochs": 1,
+    "batch_size": 8,
+    "lr": 0.001,
+    "seed": 0,
+    "threads": 1,
+    "device": "cpu",
+}
 
 
 def test_corpus_shares_no_class_fingerprint_or_identity_with_the_benchmark():
@@ -52,7 +47,9 @@ def test_corpus_shares_no_class_fingerprint_or_identity_with_the_benchmark():
     fingerprints = {synth.method_fingerprint(c) for c in benchmark if c.family != "REAL"}
     assert not fingerprints & {synth.method_fingerprint(c) for c in fakes}
     # corpus images use another identity seed: no picture equals a benchmark picture
-    images, labels = render_corpus(TINY)
+    images, labels = render_corpus(TINY.corpus(), workers=1)
+    in_children, child_labels = render_corpus(TINY.corpus(), workers=2)
+    assert np.array_equal(images, in_children) and np.array_equal(labels, child_labels)
     params = synth.SynthParams(image_size=32, seed=TINY.generator_seed)
     bench_real = np.stack([synth.render_real(f, i, params).image for f in (0, 1) for i in range(4)])
     assert images.shape == (4 + 4 * 4, 32, 32, 3) and labels.tolist()[:4] == [0] * 4
@@ -80,8 +77,8 @@ def test_weights_are_built_once_cached_and_loaded_by_the_backbone(tmp_path):
 
 def test_runner_starts_from_the_cached_weights_and_records_them(make_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("OWDFA_BENCH_CACHE", str(tmp_path / "cache"))
-    cfg = make_cfg("method=lower_bound")  # tiny synth from scratch: give it a tiny start
-    OmegaConf.update(cfg, "data.pretrain", TINY_START, merge=False)
+    cfg = make_cfg("method=lower_bound")
+    OmegaConf.update(cfg, "data.pretrain", SynthPretrain(**TINY_START), merge=False)
     record = run(cfg)
     start = record["pretrained_start"]
     assert record["status"] == "complete" and start["settings"]["methods_per_family"] == 1

@@ -500,13 +500,12 @@ def render_jobs(
     return rows
 
 
-def _render_in_subprocesses(
-    out_root: Path, params: SynthParams, jobs: list[tuple[int, ...]], workers: int
-) -> list[tuple[str, str, int]]:
-    """Split the jobs over `workers` child interpreters (`python -m owdfa_bench.data.synth`).
+def run_python_workers(module: str, specs: list[dict[str, Any]]) -> list[str]:
+    """Run `python -m <module> <json spec>` once per spec, in parallel; their standard outputs.
 
     Plain subprocesses rather than multiprocessing: no fork of a process that may already run
-    torch threads, and no re-import of the caller's __main__ (which spawn needs guarded).
+    torch threads, and no re-import of the caller's __main__ (which spawn needs guarded). One
+    thread per child. The first failing child's last error line is raised.
     """
     import subprocess
     import sys
@@ -515,18 +514,17 @@ def _render_in_subprocesses(
     # the children import this package from wherever the parent did, installed or not
     package_parent = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in [package_parent, env.get("PYTHONPATH")] if p)
-    procs = []
-    for w in range(workers):
-        spec = {"out_root": str(out_root), "params": params.to_dict(), "jobs": jobs[w::workers]}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "owdfa_bench.data.synth", json.dumps(spec)],
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", module, json.dumps(spec)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
             text=True,
         )
-        procs.append(proc)
-    rows, errors = [], []
+        for spec in specs
+    ]
+    outputs, errors = [], []
     try:
         for proc in procs:
             out, err = proc.communicate()
@@ -534,16 +532,27 @@ def _render_in_subprocesses(
                 errors.append(
                     err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"
                 )
-            else:
-                rows += [tuple(r) for r in json.loads(out)]
+            outputs.append(out)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     if errors:
-        raise RuntimeError(f"synth generation failed in a worker process: {errors[0]}")
-    return rows
+        raise RuntimeError(f"{module} failed in a worker process: {errors[0]}")
+    return outputs
+
+
+def _render_in_subprocesses(
+    out_root: Path, params: SynthParams, jobs: list[tuple[int, ...]], workers: int
+) -> list[tuple[str, str, int]]:
+    """Split the jobs over `workers` child interpreters (`python -m owdfa_bench.data.synth`)."""
+    specs = [
+        {"out_root": str(out_root), "params": params.to_dict(), "jobs": jobs[w::workers]}
+        for w in range(workers)
+    ]
+    outputs = run_python_workers("owdfa_bench.data.synth", specs)
+    return [tuple(r) for out in outputs for r in json.loads(out)]
 
 
 def _worker_main() -> None:
