@@ -4,7 +4,8 @@ Paper: Y. Zheng et al., "Learning Counterfactually Decoupled Attention for Open-
 Attribution", ICCV 2025.
 Official code: github.com/yzheng97/CDAL, folder `OW-DFA/` (a diff against the CPL repository:
 `owdfa/encoder/base_net.py`, `owdfa/algorithm/ssl.py`, `owdfa/algorithm/owssl/CPL.py`,
-`configs/train_cpl.yaml`); specification: methods.md sections 4 and 6 (and 8).
+`configs/train_cpl.yaml`). What the port keeps and changes of the reference is summarised in
+`docs/reference-behaviour.md`.
 
 On top of CPL (whose head and losses are reused unchanged on the layer-4 map), CDAL takes the
 layer-1 map R1 of the same backbone and
@@ -21,13 +22,14 @@ L = L_CPL + 0.5 (aux + aux_aug) + 0.2 L_match. Test-time logits are CPL's (fc2 o
 
 Kept reference behaviour: everything listed in `methods/cpl.py`; the CPL-variant match pairing
 (factual map of R1 vs counterfactual map of the augmented R1) by default, the MPSL-variant
-pairing (factual vs factual) as `match_variant: mpsl` (quirk 30); non-detached augmentation;
-one dropout rate (0.3) for both heads.
+pairing (factual vs factual) as `match_variant: mpsl` (the reference's two models differ here
+and the paper does not say which is meant); non-detached augmentation; one dropout rate (0.3)
+for both heads.
 
 Deliberate deviations from the reference:
   * All of CPL's (see `methods/cpl.py`), including GLV on any batch size.
-  * Evaluation skips the attention branch and the augmentation (quirk 32, F): the reference
-    runs them in eval mode too (random, unused), so the logits are unchanged.
+  * Evaluation skips the attention branch and the augmentation: the reference runs them in eval
+    mode too (random, unused), so the logits are unchanged.
   * The Gaussian blur is torchvision's `gaussian_blur` (kernel 11, sigma 7, reflect padding)
     instead of kornia's `gaussian_blur2d` (same kernel and the same default reflect border), so
     no new dependency. When the half-size map is too small for an 11-wide reflect padding (maps
@@ -38,8 +40,8 @@ Deliberate deviations from the reference:
     ceil(M/2) maps, the depthwise one as many again, and the first M are kept (as the reference
     slices `[:, :64]`); with M = 64 it is the reference module (35,208 parameters on 256
     channels).
-  * The reference imports a missing module (`ssl_CPL`) and does not list kornia (quirk 29);
-    nothing of that applies here.
+  * The reference imports a module its repository lacks (`owdfa.algorithm.ssl_CPL`) and does
+    not list kornia; nothing of that applies here.
 """
 
 from __future__ import annotations
@@ -236,7 +238,7 @@ def cdal_total(
 
 
 class CDAL(CPL):
-    """CDAL on CPL (methods.md section 6)."""
+    """CDAL on CPL (yzheng97/CDAL, `OW-DFA/`) on the shared runner."""
 
     def __init__(
         self,

@@ -4,7 +4,7 @@ Paper: S. Vaze, K. Han, A. Vedaldi, A. Zisserman, "Generalized Category Discover
 Official code: github.com/sgvaze/generalized-category-discovery @ 831a645
 (`methods/contrastive_training/contrastive_training.py`,
 `methods/clustering/faster_mix_k_means_pytorch.py`, `methods/estimate_k/estimate_k.py`).
-Specification: methods.md B.3; the clustering lives in `owdfa_bench/kmeans.py`.
+The clustering lives in `owdfa_bench/kmeans.py`.
 
 What it computes:
   train   backbone -> custom pool 1x1 -> BNNeck -> f; projection head: MLP (2048-2048-256,
@@ -20,8 +20,9 @@ What it computes:
           else GCD's estimate: bounded Brent search over [K_known, `k_max`] of the labelled
           rows' Hungarian accuracy of plain k-means over all training features (labelled +
           unlabelled; test rows are not used), recomputed at every full clustering and
-          reported by `k_estimated()`. Expect it to collapse towards K_known on OWDFA-40 (CAL
-          reports 19 / 13 / 35 for P1 / P2 / P3, truth 41; methods.md D.3).
+          reported by `k_estimated()`. Expect it to collapse towards K_known on OWDFA-40 (CAL's
+          project-page poster: 20 / 13 / 35 for P1 / P2 / P3 with ResNet-50, truth 41;
+          `results/paper/owdfa40_k_estimation.csv`).
 
 When the clustering runs: the base class evaluates the test split every epoch and calls
 `predictions_from_outputs` with the test features. A *full* clustering (feature passes over the
@@ -107,7 +108,7 @@ def gcd_loss(
 
 
 class GCD(OWDFAMethod):
-    """GCD on the shared runner (methods.md B.3)."""
+    """GCD (sgvaze/generalized-category-discovery @ 831a645) on the shared runner."""
 
     train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
     selection_metric: ClassVar[str] = "known_acc"  # GCD checkpoints on the best Old ACC

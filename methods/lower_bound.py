@@ -1,9 +1,10 @@
-"""Lower bound: supervised training on the labelled known-class rows only (methods.md B.5).
+"""Lower bound: supervised training on the labelled known-class rows only.
 
-Same backbone, BNNeck and bias-free head as CAL and CPL (methods.md 1.3), with K_k outputs and
-cross-entropy on the labelled set. Its predictions are known ids only, so Known ACC is near the
-ceiling and Novel ACC comes from the separate Hungarian matching alone. Exact bound definitions
-are not given by the references; this follows the reading that matches CPL's published P1 row.
+Same backbone, BNNeck and bias-free head as CAL and CPL (`owdfa_bench/models.py`), with K_k
+outputs and cross-entropy on the labelled set. Its predictions are known ids only, so Known ACC is
+near the ceiling and Novel ACC comes from the separate Hungarian matching alone. Exact bound
+definitions are not given by the references (CPL's README prints the rows without defining them);
+this follows the reading that matches CPL's published P1 row (`docs/reference-behaviour.md`).
 """
 
 from __future__ import annotations

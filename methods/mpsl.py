@@ -3,7 +3,8 @@
 Paper: the IJCV 2025 journal extension of CPL (OW-DFA++), by the CPL authors.
 Official code: github.com/TencentYoutuResearch/OpenWorld-DeepFakeAttribution
 (`owdfa/algorithm/owssl/MPSL.py`, `owdfa/encoder/base_net.py: MPSLClassifier`,
-`configs/train_mpsl.yaml`); specification: methods.md sections 5 and 8.
+`configs/train_mpsl.yaml`). What the port keeps and changes of the reference is summarised in
+`docs/reference-behaviour.md`.
 
 CPL with two more "perspectives" for the pair vote: the three high-frequency bands of a
 one-level Haar wavelet transform of the final feature map, and parts at three scales (3x3, 5x5,
@@ -26,11 +27,10 @@ Deliberate deviations from the reference:
     reference either). Odd sizes get one zero row/column at the end, as mode 'zero' does. The
     band order and signs may differ from pytorch_wavelets'; MPV is unaffected because it ORs
     over the bands and cosine similarity ignores a common scale or sign.
-  * The reference cannot run as released (quirk 28 / section 5.3): `MPSL` is not exported,
-    `_get_pair` needs unlabelled ground truth that the step never passes, and the epoch-end
-    hook calls the start hook. Here no ground truth reaches the method; the pair-precision
-    meters that used it are replaced by label-free pass rates (`mpv_pass_rate`,
-    `mpv_either_rate`).
+  * The reference cannot run as released: `MPSL` is not exported, `_get_pair` needs unlabelled
+    ground truth that the step never passes, and the epoch-end hook calls the start hook. Here
+    no ground truth reaches the method; the pair-precision meters that used it are replaced by
+    label-free pass rates (`mpv_pass_rate`, `mpv_either_rate`).
   * Part scales are `part_grids` (default 3, 5, 7 = the reference's `range(3, 8, 2)` for an
     8x8 map); a map smaller than a grid is resized to it first (see `methods/cpl.py`).
 """
@@ -182,7 +182,7 @@ def mpsl_losses(
 
 
 class MPSL(CPL):
-    """MPSL on the shared runner (methods.md section 5)."""
+    """MPSL (CPL repository, `owdfa/algorithm/owssl/MPSL.py`) on the shared runner."""
 
     def __init__(
         self,

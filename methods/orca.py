@@ -3,7 +3,6 @@
 Paper: K. Cao, M. Brbic, J. Leskovec, "Open-World Semi-Supervised Learning", ICLR 2022.
 Official code: github.com/snap-stanford/orca @ 5f33afd (`orca_imagenet.py`, `orca_cifar.py`,
 `utils.py`: `MarginLoss`, `entropy`; `models/resnet.py`: `NormedLinear`).
-Specification: methods.md B.1.
 
 What it computes, per batch (view 1 = weak, view 2 = strong, two separate forward passes):
   model   backbone -> custom pool 1x1 -> BNNeck -> f -> dropout -> cosine head with scale 10,
@@ -20,7 +19,7 @@ What it computes, per batch (view 1 = weak, view 2 = strong, two separate forwar
             - H(mean_i p_i(x)), p = softmax(l);
   predict argmax over all C outputs.
 
-Port to OW-DFA (methods.md B.1, "Porting to OW-DFA"): ORCA inside the harness is the CPL trainer
+Port to OW-DFA: CPL's trainer extends ORCA's, so ORCA inside the harness is the CPL trainer
 (`methods/cpl.py`) with global-feature nearest-neighbour pairing only, a second view for the
 partner probabilities, the adaptive margin at scale 10 instead of CPL's fixed +0.2, and no
 soft-pseudo-label term. It keeps CPL's ResNet + BNNeck, dropout 0.2 before the head, Adam and
@@ -119,7 +118,7 @@ def orca_losses(
 
 
 class ORCA(OWDFAMethod):
-    """ORCA on the shared runner (methods.md B.1)."""
+    """ORCA (snap-stanford/orca @ 5f33afd) on the shared runner."""
 
     train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
 

@@ -3,7 +3,7 @@
 Paper: K. Han, S.-A. Rebuffi, S. Ehrhardt, A. Vedaldi, A. Zisserman, "Automatically Discovering
 and Learning New Visual Categories with Ranking Statistics", ICLR 2020.
 Official code: github.com/k-han/AutoNovel @ 5eda7e4 (`auto_novel.py: train_IL`,
-`utils/util.py: BCE, PairEnum`, `utils/ramps.py`). Specification: methods.md B.4.
+`utils/util.py: BCE, PairEnum`, `utils/ramps.py`).
 
 What it computes (joint stage, IL variant), per batch (view x = weak, x' = strong):
   model   backbone -> custom pool 1x1 -> BNNeck -> ReLU -> f (non-negative, so ranks mean
@@ -17,12 +17,13 @@ What it computes (joint stage, IL variant), per batch (view x = weak, x' = stron
             + (w / 50) * 0.05 * CE(head1(x_u), argmax head2(x_u) + K_known)     (IL term)
             + w * (MSE(softmax head1(x), softmax head1(x')) + MSE(same for head2)) over all rows,
           w = 50 exp(-5 (1 - min(e, R) / R)^2) per epoch e, ramp-up length R;
-  predict argmax of the widened head1: one joint K-way prediction (methods.md B.4).
+  predict argmax of the widened head1: one joint K-way prediction (our choice: CPL reports a
+          RankStats row but does not say how it adapted the method).
 
 Labelled vs unlabelled rows come from the harness tag (`batch.labelled`), never from the label:
 the reference's `label < num_labeled_classes` reads ground truth and is only valid when the
 unlabelled pool holds novel classes only (NCD); in OW-DFA it also holds known classes, which
-therefore take part in the ranking pairs and the IL pseudo-label CE (methods.md B.4 pitfalls).
+therefore take part in the ranking pairs and the IL pseudo-label CE.
 
 K: known -> the true total K. Unknown -> `k.estimate` if given, else `unknown_k_factor` x
 K_known (default 2, so K_u = K_known; a rule of ours, the reference takes K_u as given).
@@ -117,7 +118,7 @@ def rankstats_losses(
 
 
 class RankStats(OWDFAMethod):
-    """RankStats (AutoNovel, IL variant) on the shared runner (methods.md B.4)."""
+    """RankStats (AutoNovel, IL variant; k-han/AutoNovel @ 5eda7e4) on the shared runner."""
 
     train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
 

@@ -3,7 +3,6 @@
 Paper: X. Wen, B. Zhao, X. Qi, "Parametric Classification for Generalized Category Discovery:
 A Baseline Study", ICCV 2023. Official code: github.com/CVMI-Lab/SimGCD @ f843f27
 (`train.py`, `model.py`: `DINOHead`, `DistillLoss`, `SupConLoss`, `info_nce_logits`).
-Specification: methods.md B.2.
 
 What it computes, per batch of two views (both views go through the network as one batch):
   model   backbone -> custom pool 1x1 -> BNNeck -> f; a projection MLP (2048-2048-256, GELU)
@@ -31,7 +30,7 @@ epoch, counted during training (the test split is not looked at; its own count i
 
 Deliberate deviations from the reference:
   * Backbone: the OW-DFA ResNet (timm, ImageNet weights for real runs) + BNNeck instead of DINO
-    ViT-B/16 (methods.md B.2, "Porting to OW-DFA"), and the whole backbone is fine-tuned, as in
+    ViT-B/16 (one backbone for every method), and the whole backbone is fine-tuned, as in
     the OW-DFA methods; the reference trains only the last ViT block (`grad_from_block=11`).
   * Views: the shared weak and strong views instead of two draws of one contrastive transform.
   * A batch without labelled rows (possible with the weighted sampler) gets zero CE and zero
@@ -78,7 +77,7 @@ def simgcd_total(
 
 
 class SimGCD(OWDFAMethod):
-    """SimGCD on the shared runner (methods.md B.2)."""
+    """SimGCD (CVMI-Lab/SimGCD @ f843f27) on the shared runner."""
 
     train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
 

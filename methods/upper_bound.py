@@ -1,7 +1,9 @@
 """Upper bound (oracle): supervised training on every training row with its true label.
 
-methods.md B.5: the same model with K outputs trained with CE on labelled and unlabelled rows,
-using the ground truth of the unlabelled ones. It always uses the true K, also under k=unknown.
+The same model as the lower bound with K outputs, trained with CE on labelled and unlabelled
+rows, using the ground truth of the unlabelled ones (our reading of the "Upper Bound" row of CPL's
+README, which does not define it; `docs/reference-behaviour.md`). It always uses the true K, also
+under k=unknown.
 """
 
 from __future__ import annotations

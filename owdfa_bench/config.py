@@ -119,8 +119,23 @@ class KConfig:
         integer_at_least("k.estimate", self.estimate, 1, 41, optional=True)
 
 
+def epoch_share(value: int, of: int, epochs: int) -> int:
+    """`${epoch_share:V,OF,${method.epochs}}`: epoch V of a reference run of OF epochs, placed
+    at the same share of this run (rounded half up). A method config writes its epoch-valued
+    hyper-parameters this way (e.g. CAL's pseudo-label start, epoch 5 of 50), so they are the
+    reference's at the reference length and keep their place in a shorter or longer schedule.
+    """
+    for name, v in (("value", value), ("of", of), ("epochs", epochs)):
+        if not is_int(v) or v < (1 if name != "value" else 0):
+            raise ConfigValueError(f"epoch_share {name}={v!r}: must be a whole number of epochs")
+    return int(value * epochs / of + 0.5)
+
+
 def register_configs() -> None:
-    """Put the schemas where the YAML defaults lists name them (idempotent)."""
+    """Put the schemas where the YAML defaults lists name them, and the `epoch_share` resolver
+    (both idempotent)."""
+    if not OmegaConf.has_resolver("epoch_share"):
+        OmegaConf.register_new_resolver("epoch_share", epoch_share)
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
     store.store(group="trainer", name="schema", node=TrainerConfig)

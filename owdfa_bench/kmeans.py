@@ -1,7 +1,9 @@
 """Semi-supervised k-means (GCD's SS-k-means) and GCD's Brent search for the number of classes.
 
-methods.md B.3. Everything runs on whole matrices in torch (one distance matrix per iteration,
-centre updates by a one-hot matmul), on whatever device the features live on.
+Reference: sgvaze/generalized-category-discovery @ 831a645
+(`methods/clustering/faster_mix_k_means_pytorch.py`, `methods/estimate_k/estimate_k.py`).
+Everything runs on whole matrices in torch (one distance matrix per iteration, centre updates by
+a one-hot matmul), on whatever device the features live on.
 
 * `semi_supervised_kmeans`: rows with a label >= 0 are pinned to the cluster of that id, so
   cluster c *is* class c (known-class ids stay aligned and direct Known ACC is defined). Pinned

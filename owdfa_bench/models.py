@@ -1,8 +1,9 @@
 """Model parts shared by the methods: backbone, the reference's pooling, BNNeck, prototype head,
 and the supervised classifier both bounds train.
 
-Every OW-DFA reference (CAL, CPL, CDAL) builds the same blocks (methods.md 1.1-1.3); they live
-here once so that a method file holds only what is specific to it.
+Every OW-DFA reference (CAL, CPL, CDAL) builds the same blocks (CAL's `CAL/encoder/models.py`,
+CPL's and CDAL's `owdfa/encoder/base_net.py`); they live here once so that a method file holds
+only what is specific to it.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class PrototypeHead(nn.Module):
     """Bias-free linear head whose first `num_active` rows are the live prototypes.
 
     The weight keeps all `num_rows` rows (as CAL's `fc2` does); `num_active` is a buffer, so it
-    is saved in checkpoints (the reference keeps it as a plain attribute and loses it, quirk 19).
+    is saved in checkpoints (CAL keeps it as a plain attribute, so its eval-only reload of a
+    checkpoint scores every row, pruned ones included).
     """
 
     def __init__(self, dim: int, num_rows: int, init_std: float = 1e-3):

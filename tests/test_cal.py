@@ -333,7 +333,7 @@ def test_epoch_end_updates_threshold_before_pruning_and_state_dict_keeps_them():
 
 
 def test_lightning_validates_before_on_train_epoch_end():
-    """CAL's hook order relies on it (methods.md 3.3): pin it for the installed Lightning."""
+    """CAL evaluates epoch e before pruning it, as the reference: pin the installed Lightning."""
     events: list[str] = []
 
     class Probe(pl.LightningModule):

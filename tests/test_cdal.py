@@ -1,4 +1,5 @@
-"""CDAL (methods.md 6): attention modules, pooling, augmentation, losses, model, smoke run."""
+"""CDAL (yzheng97/CDAL, `OW-DFA/`): attention modules, pooling, augmentation, losses, model,
+smoke run."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def test_conditional_conv_mixes_the_expert_kernels_per_sample():
 
 def test_attention_generator_shape_and_reference_size():
     cfi = AttentionGenerator(256, num_maps=64)
-    assert sum(p.numel() for p in cfi.parameters()) == 35_208  # methods.md 6.1
+    assert sum(p.numel() for p in cfi.parameters()) == 35_208  # the reference's CFI on 256 channels
     att = AttentionGenerator(8, num_maps=5)(torch.randn(2, 8, 6, 6))
     assert att.shape == (2, 5, 6, 6) and (att >= 0).all()  # ceil(5/2) = 3 + 3 maps, first 5
 
@@ -199,7 +200,7 @@ def test_cdal_parameter_count_matches_the_reference():
     model = CDAL(
         Problem(num_known=9, num_classes=22), {}, {"name": "resnet50", "pretrained": False}
     )
-    assert sum(p.numel() for p in model.parameters()) == 24_024_912  # methods.md 6.1
+    assert sum(p.numel() for p in model.parameters()) == 24_024_912  # the reference model, C = 22
 
 
 @pytest.mark.parametrize("variant", ["cpl", "mpsl"])

@@ -1,4 +1,5 @@
-"""CPL (methods.md 4): every loss term on hand-made tensors, the model, a smoke run."""
+"""CPL (`owdfa/algorithm/owssl/CPL.py`): every loss term on hand-made tensors, the model, a
+smoke run."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def test_margin_ce_adds_the_margin_to_the_target_logit():
     plain = -np_log_softmax(logits)[[0, 1], y].mean()
     got = margin_cross_entropy(torch.tensor(logits), torch.tensor(y), 0.2)
     assert float(got) == pytest.approx(expected, abs=1e-6)
-    assert float(got) < plain  # the "margin" makes CE easier (quirk 24)
+    assert float(got) < plain  # the reference's negative margin makes CE easier
 
 
 def test_margin_ce_without_rows_is_zero_and_attached():
@@ -129,7 +130,7 @@ def test_glv_pairs_hand_example():
 
 
 def numpy_glv_pairs(targets, f_g, f_p):
-    """The spec (methods.md 4.3) written literally with loops; labelled part omitted."""
+    """The reference's `_get_pair` vote written literally with loops; labelled part omitted."""
     b, L = len(f_g), len(targets)
     g = f_g / np.linalg.norm(f_g, axis=1, keepdims=True)
     gsim = g @ g.T
@@ -289,7 +290,7 @@ def test_labelled_first_order():
 
 
 def test_cpl_parameter_count_matches_the_reference():
-    # methods.md 9: 25,643,048 incl. timm's unused ImageNet fc (2,049,000), C = 22.
+    # The reference model: 25,643,048 incl. timm's unused ImageNet fc (2,049,000), C = 22.
     model = CPL(Problem(num_known=9, num_classes=22), {}, {"name": "resnet50", "pretrained": False})
     assert sum(p.numel() for p in model.parameters()) == 25_643_048 - 2_049_000
 

@@ -1,4 +1,4 @@
-"""Face cropping (methods.md 1.4), the crop cache, and the predictor lookup."""
+"""Face cropping as in the references, the crop cache, and the predictor lookup."""
 
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def test_brent_estimate_maximises_labelled_accuracy():
     est = estimate_k_brent(x, labels, k_min=1, k_max=10, n_init=3, seed=0)
     # fewer than 3 clusters cannot separate the 3 labelled classes (at most 2/3 correct), so
     # the estimate is at least 3; above that the score is blind to merged or split *novel*
-    # blobs, the flat objective behind GCD's collapse towards K_known (methods.md B.3)
+    # blobs, the flat objective behind GCD's collapse towards K_known that CAL reports on OWDFA-40
     two = semi_supervised_kmeans(x, None, num_clusters=2, n_init=3, seed=0)
     assert cluster_acc(blob[blob < 3], two.assignments[blob < 3]) <= 2 / 3
     assert est.k >= 3

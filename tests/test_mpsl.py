@@ -1,4 +1,5 @@
-"""MPSL (methods.md 5): Haar bands, multi-perspective voting, unmasked FCP, model, smoke run."""
+"""MPSL (`owdfa/algorithm/owssl/MPSL.py`): Haar bands, multi-perspective voting, unmasked FCP,
+model, smoke run."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def numpy_vote(sim: np.ndarray, n1: np.ndarray, num_labelled: int) -> np.ndarray
 
 
 def numpy_mpv(f_g, bands, parts, num_labelled):
-    """methods.md 5.2 written literally with numpy."""
+    """The reference's multi-perspective vote written literally with numpy."""
     g = f_g / np.linalg.norm(f_g, axis=1, keepdims=True)
     order = np.argsort(-(g @ g.T)[num_labelled:], axis=1)
     n0, n1 = order[:, 0], order[:, 1]

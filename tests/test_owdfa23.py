@@ -1,4 +1,5 @@
-"""The original OW-DFA benchmark from meta CSVs (methods.md 2.5), on small hand-built CSVs."""
+"""The original OW-DFA benchmark from meta CSVs, read as CPL's `DFA` does, on small hand-built
+CSVs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OWDFA-40 sampling reproduces the reference algorithm (methods.md 2.2) on a sorted listing."""
+"""OWDFA-40 sampling reproduces CAL's `dataset/owdfa_dataset.py` on a sorted listing."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""The protocol YAML is the data of methods.md 2.3; loading validates it."""
+"""The protocol YAML holds CAL's `dataset/owdfa_protocols.py` as data; loading validates it."""
 
 import pytest
 import yaml
@@ -34,7 +34,7 @@ def test_labels_put_known_classes_first():
     p = load_protocol("p1")
     mapping = p.label_of_index()
     assert [mapping[i] for i in P1_KNOWN] == list(range(19))
-    assert mapping[2] == 19 and mapping[40] == 40  # S2 is the first novel class (methods.md 2.3)
+    assert mapping[2] == 19 and mapping[40] == 40  # S2 is the first novel class (CAL's P1)
     by_label = p.classes_by_label()
     assert by_label[19].code == "S2" and not any(c.index in P1_KNOWN for c in by_label[19:])
 

@@ -1,4 +1,5 @@
-"""CPL's alternating balanced sampler (methods.md 2.5): alternation, balance, determinism."""
+"""CPL's alternating balanced sampler (`owdfa/datasets/utils/sampler.py`): alternation, balance,
+determinism."""
 
 from __future__ import annotations
 

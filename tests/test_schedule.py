@@ -33,3 +33,30 @@ def test_real_data_keeps_the_reference_schedule():
     assert cfg.method.epochs == 50 and cfg.method.batch_size == 128 and cfg.method.optim.lr == 2e-4
     paper = compose_config(["data=synth_paper", "method=cal"])
     assert paper.method.epochs == 50 and paper.data.image_size == 256
+
+
+def test_epoch_share_places_a_reference_epoch_at_the_same_share_of_any_run():
+    from owdfa_bench.checks import ConfigValueError
+    from owdfa_bench.config import epoch_share
+
+    assert [epoch_share(5, 50, e) for e in (50, 6, 24)] == [5, 1, 2]
+    assert epoch_share(30, 200, 6) == 1 and epoch_share(100, 200, 6) == 3  # half up: 0.9, 3.0
+    assert epoch_share(0, 50, 6) == 0
+    with pytest.raises(ConfigValueError, match="epoch_share of=0"):
+        epoch_share(5, 0, 6)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "epochs", "cal_start", "simgcd_warmup"),
+    [("synth", 6, 1, 1), ("synth_long", 24, 2, 4)],
+)
+def test_epoch_valued_hyper_parameters_follow_the_schedule(
+    schedule, epochs, cal_start, simgcd_warmup
+):
+    cal = compose_config([f"schedule={schedule}", "method=cal"])
+    simgcd = compose_config([f"schedule={schedule}", "method=simgcd"])
+    assert cal.method.epochs == simgcd.method.epochs == epochs
+    assert cal.method.model.pseudo_start_epoch == cal_start
+    assert simgcd.method.model.warmup_teacher_temp_epochs == simgcd_warmup
+    reference = compose_config(["data=owdfa40", "data.root=/nonexistent", "method=cal"])
+    assert reference.method.model.pseudo_start_epoch == 5  # the reference's, at its 50 epochs

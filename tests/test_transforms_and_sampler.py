@@ -1,4 +1,4 @@
-"""CAL's views (methods.md 2.4) and its labelled/unlabelled sampler."""
+"""CAL's views (`dataset/transforms.py`) and its labelled/unlabelled sampler."""
 
 import numpy as np
 import torch

@@ -1,10 +1,11 @@
-"""Face cropping (methods.md 1.4) and the crop cache that `owdfa-bench prepare` builds once.
+"""Face cropping as in the references, and the crop cache that `owdfa-bench prepare` builds once.
 
-The reference (CAL and CPL, identical code) crops on every `__getitem__`: OpenCV reads the image
-as BGR, dlib's frontal detector runs on that BGR array with 0 upsampling, the FIRST detection is
-enlarged by a 1.2 margin (each side by `int(w * (1.2 - 1) / 2)`, `int(h * (1.2 - 1) / 2)`),
-clipped and cropped; with no detection the whole image is used; then BGR -> RGB. The 68-landmark
-predictor is loaded but unused (its alignment branch is dead code, `align=False`).
+The reference (CAL and CPL, identical code; CPL's `owdfa/datasets/utils/face_cropper.py`) crops
+on every `__getitem__`: OpenCV reads the image as BGR, dlib's frontal detector runs on that BGR
+array with 0 upsampling, the FIRST detection is enlarged by a 1.2 margin (each side by
+`int(w * (1.2 - 1) / 2)`, `int(h * (1.2 - 1) / 2)`), clipped and cropped; with no detection the
+whole image is used; then BGR -> RGB. The 68-landmark predictor is loaded but unused (its
+alignment branch is dead code, `align=False`).
 
 Here detection runs once per image in worker processes, and the crop is stored resized to
 `image_size` x `image_size` (PIL bilinear, the same operation as the final `Resize((s, s))` of the

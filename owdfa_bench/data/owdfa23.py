@@ -1,4 +1,4 @@
-"""The original OW-DFA benchmark (CPL, ICCV 2023), driven by its meta CSVs (methods.md 2.5).
+"""The original OW-DFA benchmark (CPL, ICCV 2023), driven by its meta CSVs.
 
 Reference: TencentYoutuResearch/OpenWorld-DeepFakeAttribution, `owdfa/datasets/dfa.py` (the
 `DFA` dataset) and `scripts/preprocess/create_academic_meta.ipynb` (how the CSVs were built).

@@ -1,10 +1,11 @@
-"""OWDFA-40 sampling and splits, reproducing CAL's `dataset/owdfa_dataset.py` (methods.md 2.2).
+"""OWDFA-40 sampling and splits, reproducing CAL's `dataset/owdfa_dataset.py`.
 
 The reference draws from the legacy global NumPy RNG, re-seeded at the start of each
 `prepare_owdfa_samples` call; a local `numpy.random.RandomState(seed)` gives the same stream
 without touching global state. The one deliberate change: folders and files are listed in sorted
-order (the reference uses raw `os.listdir` / `os.walk` order, so its split depends on the file
-system, quirk 4). With a sorted listing the selected files are exactly the reference's.
+order (the reference uses raw `os.listdir` / `os.walk` order, so the same seed gives a different
+split on a different file system). With a sorted listing the selected files are exactly the
+reference's.
 """
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ def build_owdfa40_splits(
     """(labelled, unlabelled, test) rows of `(path, class_index)`, as CAL builds them.
 
     `train_classes` defaults to every class folder found. The labelled set is drawn from the pooled
-    known-class train rows without stratification (quirk 7); the unlabelled set is every other
-    train row, in order.
+    known-class train rows without stratification, as the reference does (so each class's
+    labelled share only averages `labelled_fraction`); the unlabelled set is every other train
+    row, in order.
     """
     known = sorted(set(known_classes))
     folders = list_class_folders(root)

@@ -1,4 +1,4 @@
-"""`data=synth`: the built-in procedural stand-in for OWDFA-40 (spec: synth.md).
+"""`data=synth`: the built-in procedural stand-in for OWDFA-40.
 
 It writes the 41 OWDFA-40 classes (same indices, codes and families) as PNG files in the
 OWDFA-40 folder layout under a cache folder, so the real scanning, sampling and splitting code
@@ -21,7 +21,8 @@ shared reference pipeline (strength 0: the methods of a family are indistinguish
 method's own parameters (strength 1), and extrapolates beyond. The family's manipulation
 (where, and what it changes) does not depend on `strength`.
 
-The output is synthetic: results on it say nothing about real deepfakes.
+The output is synthetic: results on it say nothing about real deepfakes. The README section
+"Built-in synthetic benchmark" says why it exists and how it was calibrated.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Weak, strong and test views of CAL's loader (methods.md 2.4), for any image size.
+"""Weak, strong and test views of CAL's loader (`dataset/transforms.py`), for any image size.
 
 At the paper's 256 px the enlarged size is 292 = int(256 / 224 * 256), as in the reference.
 """
@@ -27,7 +27,8 @@ class CropOrResize:
     """With probability p a RandomResizedCrop to `size`, else the shorter side resized to `size`.
 
     The reference uses Python's `random.random()` here (seeded by Lightning's seed_everything),
-    and squashes the result to a square afterwards (quirk 11).
+    and squashes the result to a square afterwards: without the crop, the shorter side goes to
+    `size` and the final square resize then distorts the aspect ratio. Kept.
     """
 
     def __init__(self, size: int, p: float = 0.2, scale: tuple[float, float] = (0.5, 1.0)):
