@@ -277,7 +277,6 @@ def _build(settings: PretrainSettings, root: Path, problem: str) -> dict[str, An
         "render_s": round(t_render, 1),
         "total_s": round(time.perf_counter() - t0, 1),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
     }
     cache.write_json_atomic(root / MANIFEST_FILE, manifest)
     log.info(
