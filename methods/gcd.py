@@ -112,6 +112,8 @@ class GCD(OWDFAMethod):
 
     train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
     selection_metric: ClassVar[str] = "known_acc"  # GCD checkpoints on the best Old ACC
+    # the last full clustering, which later epochs assign to (cluster_every > 1): for a resume
+    carried_state: ClassVar[tuple[str, ...]] = ("centres", "k_used", "k_search", "last_clustering")
 
     def __init__(
         self,

@@ -121,6 +121,8 @@ class ORCA(OWDFAMethod):
     """ORCA (snap-stanford/orca @ 5f33afd) on the shared runner."""
 
     train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
+    # the margin and this epoch's confidence sums (they set the next margin): for a resume
+    carried_state: ClassVar[tuple[str, ...]] = ("margin", "_conf_sum", "_conf_count")
 
     def __init__(
         self,
