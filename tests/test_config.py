@@ -116,7 +116,8 @@ def test_every_cell_of_every_sweep_builds_its_method(sweep):
 
     built = set()
     for cell in _cells(sweep):
-        cfg = compose_config([f"+sweep={sweep}", *cell])
+        # a test never downloads: the real-data sweeps' ImageNet weights are switched off
+        cfg = compose_config([f"+sweep={sweep}", *cell, "data.backbone.pretrained=false"])
         key = (cfg.method.name, cfg.k.name)
         if key in built:
             continue
@@ -125,3 +126,17 @@ def test_every_cell_of_every_sweep_builds_its_method(sweep):
         method = build_method(cfg, problem)
         assert method.problem.k_mode == cfg.k.name
     assert built
+
+
+def test_cal_table2_holds_the_ten_rows_of_the_paper_table_on_real_data():
+    cells = _cells("cal_table2")
+    assert len(cells) == 10 * 3 * 3
+    rows = set()
+    for cell in cells:
+        if "seed=2025" not in cell or "protocol=p1" not in cell:
+            continue
+        cfg = compose_config(["+sweep=cal_table2", *cell])
+        assert cfg.data.name == "owdfa40" and cfg.trainer.accelerator == "gpu"
+        rows.add((cfg.method.name, cfg.k.name))
+    names = {"simgcd", "owmatch", "lps", "legogcd", "protogcd", "palgcd", "cpl", "cdal", "cal"}
+    assert rows == {(m, "known") for m in names} | {("cal", "unknown")}
