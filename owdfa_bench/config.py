@@ -29,7 +29,6 @@ from owdfa_bench.checks import (
     is_int,
     one_of,
 )
-from owdfa_bench.data.sources import Owdfa23Source, Owdfa40Source, SynthSource
 
 SELECTIONS = ("last", "best_on_test")
 K_MODES = ("known", "unknown")
@@ -140,12 +139,25 @@ def register_configs() -> None:
     store.store(name="run_schema", node=RunConfig)
     store.store(group="trainer", name="schema", node=TrainerConfig)
     store.store(group="k", name="schema", node=KConfig)
-    for name, source in (
-        ("synth", SynthSource),
-        ("owdfa40", Owdfa40Source),
-        ("owdfa23", Owdfa23Source),
-    ):
+    for name, source in data_source_schemas().items():
         store.store(group="data", name=f"{name}_schema", node=source)
+
+
+def data_source_schemas() -> dict[str, type]:
+    """`<name>` -> the class `conf/data/<name>.yaml`'s `_target_` names: each data source's
+    schema, `data/<name>_schema` in its YAML's defaults list. A new source is one class and one
+    YAML; YAMLs that extend another (no `_target_` of their own) reuse its schema."""
+    import yaml
+    from hydra.utils import get_class
+
+    from owdfa_bench.resources import conf_dir
+
+    schemas = {}
+    for path in sorted((conf_dir() / "data").glob("*.yaml")):
+        target = (yaml.safe_load(path.read_text()) or {}).get("_target_")
+        if target:
+            schemas[path.stem] = get_class(target)
+    return schemas
 
 
 register_configs()

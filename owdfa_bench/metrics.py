@@ -41,6 +41,7 @@ number of non-empty predicted ids) should be reported beside it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,24 @@ METRIC_CONVENTION_NOTE = (
     "test samples, Known ACC is direct accuracy without matching, and Novel ACC uses a separate "
     "Hungarian matching on novel-class samples only (not the GCD v2 metric)."
 )
+
+
+# Metrics added by name (`register_metric`): (y_true, y_pred, num_known) -> float, computed on the
+# same predictions by `evaluate_predictions`, so they reach results.json, the logger and the
+# report's summary.csv like every built-in key.
+EXTRA_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, int], float]] = {}
+
+
+def register_metric(name: str):
+    """Decorator: add `fn(y_true, y_pred, num_known) -> float` to every evaluation as `name`."""
+
+    def add(fn: Callable[[np.ndarray, np.ndarray, int], float]):
+        if name in EXTRA_METRICS and EXTRA_METRICS[name] is not fn:
+            raise ValueError(f"metric {name!r} is registered twice; give it another name")
+        EXTRA_METRICS[name] = fn
+        return fn
+
+    return add
 
 
 def _as_labels(values: Any, name: str) -> np.ndarray:
@@ -234,6 +253,8 @@ def evaluate_predictions(y_true: Any, y_pred: Any, num_known: int) -> dict[str, 
         "gcd_v2b_old_acc": _mean_or(class_acc[known_classes], float("nan")),
         "gcd_v2b_new_acc": _mean_or(class_acc[novel_classes], 0.0),
     }
+    for name, fn in EXTRA_METRICS.items():
+        metrics[name] = float(fn(y_true, y_pred, num_known))
     return {
         "metrics": {k: float(v) for k, v in metrics.items()},
         "num_clusters": int(np.unique(y_pred).size),
