@@ -9,9 +9,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-
-class ConfigValueError(ValueError):
-    """A config value out of its range: the message names the key, the value and the fix."""
+from owdfa_bench.errors import ConfigValueError
 
 
 def fail(key: str, value: Any, need: str, example: str) -> None:

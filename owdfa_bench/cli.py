@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"owdfa-bench: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, function, _ = COMMANDS[command]
-    return int(getattr(importlib.import_module(module), function)(rest) or 0)
+    from owdfa_bench.errors import exit_on_user_error  # a user error: one line, exit status 1
+
+    run_command = getattr(importlib.import_module(module), function)
+    return int(exit_on_user_error(lambda: run_command(rest), f"owdfa-bench {command}") or 0)
 
 
 if __name__ == "__main__":

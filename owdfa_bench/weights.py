@@ -22,12 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from owdfa_bench.cache import cache_base
+from owdfa_bench.errors import MissingWeightsError as MissingWeightsError  # its home is errors
 
 PAPER_BACKBONE = "resnet50.ram_in1k"
-
-
-class MissingWeightsError(RuntimeError):
-    """Pretrained weights that are neither on this machine nor downloadable: one line."""
 
 
 def cached_weights_path(name: str) -> Path:

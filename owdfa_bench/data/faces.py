@@ -24,8 +24,9 @@ Deliberate deviations from the reference:
 - An unreadable image is reported by `prepare` and is an error when training touches it (the
   reference silently returns the first item it ever loaded instead), unless
   `data.max_unreadable_fraction` allows dropping it.
-- The predictor is needed only for the optional alignment (`data.align=true`, dlib face chip of
-  320 px as in the reference's dead branch); by default its presence is not checked.
+- The predictor is needed only for the optional alignment (dlib face chip of 320 px as in the
+  reference's dead branch: `owdfa-bench prepare data=owdfa40 data.root=DIR data.align=true`,
+  and `data.align=true` when training); by default its presence is not checked.
 """
 
 from __future__ import annotations

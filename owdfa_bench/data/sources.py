@@ -131,6 +131,7 @@ class FaceCropSettings:
 
     cache_dir: str | None  # null: <root>/.owdfa_cache/crops-<image_size>
     cache_format: str
+    align: bool  # dlib 320 px face chips (the reference's unused branch) instead of crops
     predictor_path: str | None
 
     def check_crop_settings(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from owdfa_bench.errors import DataError
 from owdfa_bench.protocols import Protocol
 
 Row = tuple[str, int]  # (image path, label)
@@ -75,7 +76,7 @@ def _listing(rows: list[str]) -> str:
 def check_splits(splits: DataSplits, source: str = "the data") -> None:
     """No image in two of labelled / unlabelled / test; labelled rows of known classes only.
 
-    Raises ValueError naming the rows, so a leaking split never trains silently.
+    Raises DataError (a ValueError) naming the rows, so a leaking split never trains silently.
     """
     paths = {name: {p for p, _ in getattr(splits, name)} for name in SPLITS}
     problems = []
@@ -90,7 +91,7 @@ def check_splits(splits: DataSplits, source: str = "the data") -> None:
             f"{splits.num_known - 1}): {_listing(novel)}"
         )
     if problems:
-        raise ValueError(
+        raise DataError(
             f"the splits of {source} leak: " + "; ".join(problems) + ". Remove the duplicated "
             "rows from the source (each image may appear once) and run again."
         )
