@@ -55,7 +55,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -356,6 +356,9 @@ class CAL(OWDFAMethod):
 
     train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
     selection_metric: ClassVar[str] = "all_acc"  # the reference's ModelCheckpoint(monitor=all_acc)
+    # this epoch's weak logits (DPP) and confidence statistics (theta_novel): a resumed epoch
+    # continues them (conf_stats, a dataclass, is saved as a dict: carried_state_dict)
+    carried_state: ClassVar[tuple[str, ...]] = ("_weak_logits",)
 
     def __init__(
         self,
@@ -483,6 +486,18 @@ class CAL(OWDFAMethod):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.k_curve = list(checkpoint.get("cal_k_curve", []))
+
+    def carried_state_dict(self) -> dict[str, Any]:
+        state = super().carried_state_dict()
+        state["attributes"]["conf_stats"] = asdict(self.conf_stats)
+        return state
+
+    def load_carried_state(self, state: dict[str, Any]) -> None:
+        attributes = dict(state.get("attributes", {}))
+        stats = attributes.pop("conf_stats", None)
+        super().load_carried_state({**state, "attributes": attributes})
+        if stats is not None:
+            self.conf_stats = ConfidenceStats(**stats)
 
     def update_threshold(self) -> None:
         """theta_novel from this epoch's (rank-summed) confidence statistics."""

@@ -538,7 +538,13 @@ class OwMatch(OWDFAMethod):
             "thr_novel": thresholds[k:].mean() if thresholds.numel() > k else one,
         }
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser's step, then the EMA model's (in the step, so a step checkpoint holds
+        both; owdfa_bench/resume.py)."""
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    def update_ema(self) -> None:
         if self.ema is not None:
             for name, student in (("encoder", self.encoder), ("head", self.head)):
                 ema_update(self.ema[name], student, self.ema_decay, self.ema_student_decay)

@@ -14,23 +14,25 @@ CAL's, methods/cal.py). For a prototype head with fewer live rows than rows (an 
 checkpoint that does not record its count, given `--num-active`), the record also holds, under
 `reference_all_rows`, the evaluation with every row live (what CAL's own eval script scores).
 
-Checkpoints are read with `torch.load(..., weights_only=True)`: no code in the file runs. The
-backbone is built without downloading ImageNet weights, since the checkpoint replaces them.
+Checkpoints are read with `torch.load(..., weights_only=True)`: no code in the file runs. An
+unreadable file, one that cannot be read that way, or one of another model ends in one line
+(exit status 1) saying which keys differ and what the checkpoint was written by. The backbone
+is built without downloading ImageNet weights, since the checkpoint replaces them.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, open_dict
 
+from owdfa_bench.checkpoints import RESUME_KEY, read_checkpoint, state_dict_differences
 from owdfa_bench.config import check_config, compose_config
+from owdfa_bench.errors import CheckpointError, as_user_error, is_user_error, report_user_error
 
 log = logging.getLogger(__name__)
 SUMMARY_KEYS = ("metrics", "num_clusters", "k_estimated", "per_class_acc", "confusion")
@@ -41,27 +43,50 @@ def _summary(evaluation: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_checkpoint(model, ckpt_path: Path, num_active: int | None) -> dict[str, Any]:
-    """Load `ckpt_path` into `model` (the method's reference layout, else ours); a report."""
+    """Load `ckpt_path` into `model` (the method's reference layout, else ours); a report.
+
+    Raises CheckpointError in one line for a file that is unreadable, unsafe (not loadable
+    weights-only) or of another model, naming the keys that differ and what it looks like.
+    """
     from owdfa_bench.method import extract_state_dict
 
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    state = extract_state_dict(checkpoint)
-    report = model.load_reference_checkpoint(state, num_active)
+    checkpoint = read_checkpoint(ckpt_path, "--ckpt")
+    with as_user_error(CheckpointError, f"--ckpt {ckpt_path}", (ValueError,)):
+        state = extract_state_dict(checkpoint)
+        report = model.load_reference_checkpoint(state, num_active)
     if report is not None:
         return report
     if num_active is not None:
-        raise ValueError(
+        raise CheckpointError(
             "--num-active is for an official checkpoint that does not record its active "
-            "prototypes; the harness's checkpoints store their count"
+            "prototypes; the harness's checkpoints store their count: leave it out"
         )
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{ckpt_path.name} does not match the model the config builds: missing keys "
-            f"{result.missing_keys}, unexpected keys {result.unexpected_keys}; check method=, "
-            "k= and data.backbone.name"
+    differences = state_dict_differences(state, model.state_dict())
+    if differences:
+        raise CheckpointError(
+            f"--ckpt {ckpt_path} does not match the model method={model_name(model)} builds: "
+            f"{differences}; {what_it_looks_like(checkpoint)}"
         )
+    model.load_state_dict(state)
     return {"format": "owdfa_bench", "mapped_keys": len(state)}
+
+
+def model_name(model) -> str:
+    return type(model).__module__.rsplit(".", 1)[-1]
+
+
+def what_it_looks_like(checkpoint: dict[str, Any]) -> str:
+    """What a checkpoint says it is (runs of this harness record method, k and config hash)."""
+    run = (checkpoint.get(RESUME_KEY) or {}).get("run") or {}
+    if run.get("method"):
+        return (
+            f"it was written by a run of method={run['method']} k={run['k']} (config "
+            f"{run.get('config_hash')}): evaluate it with those settings"
+        )
+    return (
+        "it records no run (not written by this version of owdfa-bench): check method=, k= "
+        "and data.backbone.name against the run that wrote it"
+    )
 
 
 def evaluate_checkpoint(
@@ -85,7 +110,7 @@ def evaluate_checkpoint(
     check_config(cfg)
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
-        raise FileNotFoundError(f"--ckpt {ckpt_path}: no such file")
+        raise CheckpointError(f"--ckpt {ckpt_path}: no such file")
     started = time.perf_counter()
     with open_dict(cfg):
         cfg.data.backbone.pretrained = False  # the checkpoint brings the weights
@@ -193,9 +218,10 @@ def cli_evaluate(argv: list[str]) -> int:
     try:
         cfg = compose_config(overrides)
         record = evaluate_checkpoint(cfg, args.ckpt, args.num_active)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"owdfa-bench evaluate: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        return report_user_error(err, "owdfa-bench evaluate")
     out = (
         Path(args.out)
         if args.out

@@ -67,12 +67,22 @@ class OWDFAMethod(pl.LightningModule):
       uses_unlabelled_labels: True only for oracles; otherwise unlabelled labels stay hidden.
       selection_metric: what the reference selects its checkpoint by (`selection=best_on_test`).
       train_on: "all" (labelled + unlabelled rows) or "labelled" (lower bound).
+      carried_state: attribute names a checkpoint must hold for an exact resume.
+
+    State that changes with every step changes inside the step (`training_losses`, or
+    `optimizer_step` for what follows the optimiser, e.g. an EMA model), not in
+    `on_train_batch_end`: a step checkpoint is written before that hook runs.
     """
 
     train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
     uses_unlabelled_labels: ClassVar[bool] = False
     selection_metric: ClassVar[str] = "all_acc"
     train_on: ClassVar[str] = "all"
+    # Attributes (neither parameters nor buffers) the method keeps across steps or epochs, e.g.
+    # ORCA's margin: saved in every checkpoint with the non-persistent buffers, so a resumed run
+    # continues them (owdfa_bench/resume.py). Values: tensors, numbers, strings, None, and
+    # lists / dicts of them; a method with other types overrides carried_state_dict / load.
+    carried_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, problem: Problem, optim: dict[str, Any] | None = None):
         super().__init__()
@@ -256,15 +266,65 @@ class OWDFAMethod(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["owdfa_eval_history"] = self.eval_history
+        checkpoint["owdfa_method_state"] = self.carried_state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.eval_history = list(checkpoint.get("owdfa_eval_history", []))
+        if "owdfa_method_state" in checkpoint:
+            self.load_carried_state(checkpoint["owdfa_method_state"])
+
+    def carried_state_dict(self) -> dict[str, Any]:
+        """What the state dict lacks for an exact resume: the non-persistent buffers (e.g. the
+        per-epoch usage counts, OwMatch's queues) and the `carried_state` attributes."""
+        persistent = set(self.state_dict(keep_vars=True))
+        buffers = {
+            name: buf.detach().cpu().clone()
+            for name, buf in self.named_buffers()
+            if name not in persistent
+        }
+        attributes = {name: _detached(getattr(self, name)) for name in self.carried_state}
+        return {"buffers": buffers, "attributes": attributes}
+
+    def load_carried_state(self, state: dict[str, Any]) -> None:
+        for name, value in state.get("buffers", {}).items():
+            owner, _, leaf = name.rpartition(".")
+            module = self.get_submodule(owner) if owner else self
+            current = getattr(module, leaf)
+            setattr(module, leaf, value.to(current.device))  # may differ in size (queues)
+        for name, value in state.get("attributes", {}).items():
+            setattr(self, name, value)  # on the CPU until on_fit_start moves it (read first)
+
+    def on_fit_start(self) -> None:
+        # a resumed run loads its carried state before the model reaches its device
+        for name in self.carried_state:
+            setattr(self, name, _to_device(getattr(self, name), self.device))
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):
         return build_optimizer(
             self.optim, [p for p in self.parameters() if p.requires_grad], self.problem.max_epochs
         )
+
+
+def _detached(value: Any) -> Any:
+    """A copy of `value` for a checkpoint: tensors detached on the CPU, containers copied."""
+    if torch.is_tensor(value):
+        return value.detach().cpu().clone()
+    if isinstance(value, list | tuple):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, list | tuple):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
 
 
 def extract_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

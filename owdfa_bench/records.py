@@ -5,6 +5,14 @@ The runner writes one `RunRecord` per run (`kind` "train"), `owdfa-bench evaluat
 checkpoint it scores (`kind` "evaluate"), and the report reads every `results.json` back through
 `RunRecord.from_dict`, which keeps records of older versions readable: a key it does not know
 goes to `extras`, a key a record lacks keeps the field's empty value.
+
+Nothing complete is overwritten by something incomplete (`write_run_record`): while
+`results.json` holds a complete record, the running or failed record of a new attempt (a
+forced rerun, a changed config) goes to `results.attempt.json`, and `results.json` is replaced
+only by the attempt's complete record.
+
+Schema versions: 2 added `resumed` (the checkpoints a run continued from) and made `wall_s` and
+the throughputs cover every segment of a resumed run; version 1 records read as before.
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-SCHEMA_VERSION = 1  # bump when a field changes meaning; from_dict reads every version up to it
+SCHEMA_VERSION = 2  # bump when a field changes meaning; from_dict reads every version up to it
 RESULTS_FILE = "results.json"
+ATTEMPT_FILE = "results.attempt.json"  # an attempt's record while results.json is complete
 # Keys that say where and how a run is recorded or shown, not what it computes.
 HASH_EXCLUDED_KEYS = ("force", "logger", "output_root", "sweep_name", "run_dir", "hydra")
 # ... how it is shown, checkpointed and fed, and which class builds the Trainer
@@ -91,7 +100,9 @@ class RunRecord:
     num_active: int | None = field(default=None, metadata=EVALUATION)
     num_prototypes: int | None = field(default=None, metadata=EVALUATION)
     reference_all_rows: dict[str, Any] | None = field(default=None, metadata=EVALUATION)
-    # timings
+    # resumptions: {from_epoch, from_step, at} per checkpoint the run continued from ([]: none)
+    resumed: list[dict[str, Any]] | None = field(default=None, metadata=OMIT_WHEN_EMPTY)
+    # timings (of every segment of a resumed run, up to the checkpoint each continued from)
     train_images_per_s: float | None = field(default=None, metadata=RESULT)
     eval_images_per_s: float | None = field(default=None, metadata=RESULT)
     wall_s: float | None = field(default=None, metadata=OMIT_WHEN_EMPTY)
@@ -250,9 +261,33 @@ def write_record(path: Path, record: RunRecord) -> None:
     write_json_atomic(path, record.to_dict())
 
 
-def read_record(run_dir: Path) -> RunRecord | None:
+def write_run_record(run_dir: Path, record: RunRecord) -> Path:
+    """Write a training run's record where it overwrites nothing complete; returns the file.
+
+    A complete record replaces `results.json` (and the attempt file goes); any other goes to
+    `results.json` unless that holds a complete record, else to `results.attempt.json`.
+    """
+    run_dir = Path(run_dir)
+    results, attempt = run_dir / RESULTS_FILE, run_dir / ATTEMPT_FILE
+    if record.status == "complete":
+        write_record(results, record)
+        attempt.unlink(missing_ok=True)
+        return results
+    previous = read_record(run_dir)
+    path = attempt if previous is not None and previous.status == "complete" else results
+    write_record(path, record)
+    return path
+
+
+def read_latest_attempt(run_dir: Path) -> RunRecord | None:
+    """The record of the run folder's latest attempt (the one its checkpoint belongs to): the
+    attempt file when there is one, else `results.json`."""
+    return read_record(run_dir, ATTEMPT_FILE) or read_record(run_dir)
+
+
+def read_record(run_dir: Path, name: str = RESULTS_FILE) -> RunRecord | None:
     """The record in a run folder; None when there is none or it does not parse."""
-    path = Path(run_dir) / RESULTS_FILE
+    path = Path(run_dir) / name
     if not path.is_file():
         return None
     try:

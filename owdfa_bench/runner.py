@@ -1,13 +1,17 @@
 """The shared runner: one composed config in, one `results.json` out.
 
 run(cfg): check the config -> skip if done -> seed -> data splits -> method -> Lightning
-Trainer.fit (resumes from the run folder's last checkpoint) -> the reported evaluation (last
-epoch by default, or best on test when `selection=best_on_test`) -> results.json. Every object
-that can be swapped is built from its config group with Hydra's instantiate: the data source
-(`data._target_`), the method (`method.model._target_`), the Trainer and its callbacks
-(`trainer`), the loggers (`logger.loggers`); the optimiser and scheduler are built by the method
-(`owdfa_bench.method.build_optimizer`). Any failure is recorded as status "failed" with its
-error before it is re-raised, and the loggers are always closed.
+Trainer.fit (resumes from the run folder's last checkpoint, exactly: owdfa_bench/resume.py) ->
+the reported evaluation (last epoch by default, or best on test when `selection=best_on_test`)
+-> results.json. Every object that can be swapped is built from its config group with Hydra's
+instantiate: the data source (`data._target_`), the method (`method.model._target_`), the
+Trainer and its callbacks (`trainer`), the loggers (`logger.loggers`); the optimiser and
+scheduler are built by the method (`owdfa_bench.method.build_optimizer`).
+
+Any failure, SIGTERM and SIGINT included, is recorded as status "failed" with its error before
+it is re-raised, and the loggers are always closed; a complete `results.json` is never
+overwritten by an incomplete record (`owdfa_bench.records.write_run_record`). A run folder that
+cannot be written ends in a RunFolderError and leaves no complete-looking record.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import math
 import time
 import traceback
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +33,27 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from owdfa_bench.checkpoints import CheckpointFiles
 from owdfa_bench.config import SELECTIONS, TrainerConfig, check_config
 from owdfa_bench.data.datamodule import OWDFADataModule, build_splits
 from owdfa_bench.data.splits import DataSplits
+from owdfa_bench.errors import (
+    ConfigValueError,
+    RunFolderError,
+    as_user_error,
+    one_line,
+    signals_interrupt,
+)
 from owdfa_bench.method import OWDFAMethod, Problem
 from owdfa_bench.pretrain import resolve_pretrained_start
 from owdfa_bench.records import (
-    RESULTS_FILE,
     RunRecord,
     config_hash,
+    read_latest_attempt,
     read_record,
-    write_record,
+    write_run_record,
 )
+from owdfa_bench.resume import ResumeCheckpoint
 
 log = logging.getLogger(__name__)
 # Lightning's start-up banners (accelerator listing, product tips) say nothing about the run.
@@ -48,12 +64,22 @@ CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
 
 class Timing(pl.Callback):
-    """Images per second of training and evaluation steps (data loading included)."""
+    """Images per second of training and evaluation steps (data loading included), over every
+    segment of a resumed run (the totals are in the checkpoint)."""
+
+    TOTALS = ("train_s", "eval_s", "train_images", "eval_images")
 
     def __init__(self) -> None:
         self.train_s = self.eval_s = 0.0
         self.train_images = self.eval_images = 0
         self._t0 = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.TOTALS}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for name in self.TOTALS:
+            setattr(self, name, state_dict[name])
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._t0 = time.perf_counter()
@@ -89,7 +115,7 @@ def apply_recipe(cfg: DictConfig) -> DictConfig:
         return cfg
     if not recipes or recipe not in recipes:
         offered = ["fair", *(recipes or {})]
-        raise ValueError(
+        raise ConfigValueError(
             f"method.recipe={recipe!r}: {cfg.method.name} offers {offered}; e.g. "
             f"method.recipe={offered[-1]}"
         )
@@ -130,7 +156,9 @@ def build_method(
         backbone["weights"] = start["weights"]
     # partial first: Hydra would turn the Problem dataclass into a config node
     factory = instantiate(cfg.method.model, _partial_=True, _convert_="all")
-    method = factory(problem=problem, optim=optim, backbone=backbone)
+    # a method refuses hyper-parameters with ValueError; a missing weights file is the user's
+    with as_user_error(ConfigValueError, f"method={cfg.method.name}", (ValueError,)):
+        method = factory(problem=problem, optim=optim, backbone=backbone)
     if not isinstance(method, OWDFAMethod):
         raise TypeError(f"method.model._target_ must build an OWDFAMethod, got {type(method)}")
     return method
@@ -206,6 +234,7 @@ def build_trainer(
         num_sanity_val_steps=0,  # a sanity pass would count as an evaluation of the method
         enable_model_summary=False,
         use_distributed_sampler=False,  # the datamodule shards its own samplers (DDP)
+        plugins=[CheckpointFiles()],  # weights-only reads, atomic writes, one-line errors
         **overrides,
     )
 
@@ -239,6 +268,19 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+@contextmanager
+def run_folder_writes(run_dir: Path) -> Iterator[None]:
+    """An OSError while writing the run folder (read-only, full) becomes one line naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise RunFolderError(
+            f"cannot write the run folder {run_dir} ({err.strerror or err}: "
+            f"{err.filename or run_dir}); make it writable and free space there, or set "
+            "output_root to another folder"
+        ) from err
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate one cell; returns the results record as written to results.json."""
     cfg = apply_recipe(cfg)
@@ -254,70 +296,117 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         return previous.to_dict()
     last = run_dir / CHECKPOINT
-    if previous is not None and previous.config_hash not in (None, cfg_hash) and last.exists():
+    latest = read_latest_attempt(run_dir)  # the attempt the checkpoint belongs to
+    if latest is not None and latest.config_hash not in (None, cfg_hash) and last.exists():
         last.unlink()  # never resume from a checkpoint of a different config
     set_threads(cfg.trainer.threads)
-    record = RunRecord.from_config(cfg, cfg_hash, device_name(cfg))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    write_record(run_dir / RESULTS_FILE, record)
+    record = RunRecord.from_config(cfg, cfg_hash, device_name(cfg))  # threads set: device right
     started = time.perf_counter()
-    loggers: list = []
+    with run_folder_writes(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        write_run_record(run_dir, record)  # never over a complete record (records.py)
+    resume = str(last) if last.exists() and not cfg.force else None
+    trained = Trained()
     try:
-        seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
-        splits = build_splits(cfg.data, cfg.protocol)
-        max_epochs = max_epochs_of(cfg)
-        problem = make_problem(cfg, splits, max_epochs)
-        start = resolve_pretrained_start(cfg.data)
-        if start is not None:
-            record.pretrained_start = {
-                k: start[k] for k in ("key", "weights_sha256", "scores", "settings")
-            }
-        method = build_method(cfg, problem, start)
-        method.channels_last = bool(cfg.trainer.channels_last)
-        datamodule = build_datamodule(cfg, splits, method)
-        loggers = build_loggers(cfg)
-        timing = Timing()
-        callbacks = [timing, *build_callbacks(cfg.trainer)]
-        trainer = build_trainer(cfg.trainer, run_dir, max_epochs, loggers, callbacks)
-        resume = str(last) if last.exists() and not cfg.force else None
-        if resume:
-            log.info("resuming from %s", resume)
-        trainer.fit(method, datamodule=datamodule, ckpt_path=resume)
-        chosen = select_evaluation(method.eval_history, str(cfg.selection), method.selection_metric)
-        train_rate, eval_rate = timing.rates()
-        record.status = "complete"
-        record.epochs = max_epochs
-        record.selected_epoch = chosen["epoch"]
-        record.selection_metric = (
-            method.selection_metric if cfg.selection == "best_on_test" else None
-        )
-        record.metrics = chosen["metrics"]
-        record.num_clusters = chosen["num_clusters"]
-        record.k_estimated = chosen.get("k_estimated")
-        record.num_known, record.num_classes = splits.num_known, splits.num_classes
-        record.classes = splits.classes
-        record.per_class_acc, record.confusion = chosen["per_class_acc"], chosen["confusion"]
-        record.history = [
-            {"epoch": h["epoch"], "metrics": h["metrics"]} for h in method.eval_history
-        ]
-        record.counts = {
-            "labelled": len(splits.labelled),
-            "unlabelled": len(splits.unlabelled),
-            "test": len(splits.test),
-        }
-        record.data_warnings, record.unreadable = splits.warnings, splits.unreadable
-        record.train_images_per_s, record.eval_images_per_s = train_rate, eval_rate
-        record.wall_s = round(time.perf_counter() - started, 2)
-        record.extras = method.record_extras()
-        write_record(run_dir / RESULTS_FILE, record)
-        close_loggers(loggers, summary=record.metrics, failed=False)
+        with signals_interrupt():
+            train_cell(cfg, record, run_dir, started, resume, trained)
+            complete_record(record, trained, cfg, started)
+            with run_folder_writes(run_dir):
+                write_run_record(run_dir, record)
+        close_loggers(trained.loggers, summary=record.metrics, failed=False)
         return record.to_dict()
     except BaseException as err:
         record.status = "failed"
-        record.error = f"{type(err).__name__}: {err}"
+        record.error = f"{type(err).__name__}: {one_line(err)}"
         record.traceback = traceback.format_exc(limit=20)
-        record.wall_s = round(time.perf_counter() - started, 2)
-        write_record(run_dir / RESULTS_FILE, record)
-        close_loggers(loggers, summary=None, failed=True)
+        record.resumed, record.wall_s = trained.resumed(), trained.wall_s(started)
+        try:
+            write_run_record(run_dir, record)
+        except OSError as write_error:  # a full or read-only folder: nothing more to write
+            log.error("could not record the failure in %s: %s", run_dir, write_error)
+        close_loggers(trained.loggers, summary=None, failed=True)
         raise
+
+
+@dataclass
+class Trained:
+    """What `train_cell` built, for the record (and for the failure record, as far as it got)."""
+
+    splits: DataSplits | None = None
+    method: OWDFAMethod | None = None
+    timing: Timing | None = None
+    checkpoints: ResumeCheckpoint | None = None
+    loggers: list = field(default_factory=list)
+
+    def resumed(self) -> list[dict[str, Any]]:
+        return list(self.checkpoints.resumed) if self.checkpoints is not None else []
+
+    def wall_s(self, started: float) -> float:
+        """Wall seconds of every segment (the earlier ones up to the checkpoint resumed)."""
+        if self.checkpoints is not None:
+            return round(self.checkpoints.wall_s(), 2)
+        return round(time.perf_counter() - started, 2)
+
+
+def train_cell(
+    cfg: DictConfig,
+    record: RunRecord,
+    run_dir: Path,
+    started: float,
+    resume: str | None,
+    trained: Trained,
+) -> None:
+    """Seed, build the data, the method, the loggers and the Trainer, and fit (from `resume`,
+    a checkpoint, when given); what it builds goes into `trained` as it goes."""
+    seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
+    trained.splits = splits = build_splits(cfg.data, cfg.protocol)
+    max_epochs = max_epochs_of(cfg)
+    problem = make_problem(cfg, splits, max_epochs)
+    start = resolve_pretrained_start(cfg.data)
+    if start is not None:
+        record.pretrained_start = {
+            k: start[k] for k in ("key", "weights_sha256", "scores", "settings")
+        }
+    trained.method = method = build_method(cfg, problem, start)
+    method.channels_last = bool(cfg.trainer.channels_last)
+    datamodule = build_datamodule(cfg, splits, method)
+    trained.loggers = build_loggers(cfg)
+    trained.timing = Timing()
+    callbacks = [trained.timing, *build_callbacks(cfg.trainer)]
+    trained.checkpoints = next((c for c in callbacks if isinstance(c, ResumeCheckpoint)), None)
+    if trained.checkpoints is not None:
+        identity = {"config_hash": record.config_hash, "method": record.method, "k": record.k}
+        trained.checkpoints.begin(identity, started)
+    trainer = build_trainer(cfg.trainer, run_dir, max_epochs, trained.loggers, callbacks)
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.fit(method, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+
+
+def complete_record(record: RunRecord, trained: Trained, cfg: DictConfig, started: float) -> None:
+    """Fill the record of a finished fit: the reported evaluation, history, counts, timings."""
+    method, splits = trained.method, trained.splits
+    chosen = select_evaluation(method.eval_history, str(cfg.selection), method.selection_metric)
+    train_rate, eval_rate = trained.timing.rates()
+    record.status = "complete"
+    record.epochs = max_epochs_of(cfg)
+    record.selected_epoch = chosen["epoch"]
+    record.selection_metric = method.selection_metric if cfg.selection == "best_on_test" else None
+    record.metrics = chosen["metrics"]
+    record.num_clusters = chosen["num_clusters"]
+    record.k_estimated = chosen.get("k_estimated")
+    record.num_known, record.num_classes = splits.num_known, splits.num_classes
+    record.classes = splits.classes
+    record.per_class_acc, record.confusion = chosen["per_class_acc"], chosen["confusion"]
+    record.history = [{"epoch": h["epoch"], "metrics": h["metrics"]} for h in method.eval_history]
+    record.counts = {
+        "labelled": len(splits.labelled),
+        "unlabelled": len(splits.unlabelled),
+        "test": len(splits.test),
+    }
+    record.data_warnings, record.unreadable = splits.warnings, splits.unreadable
+    record.train_images_per_s, record.eval_images_per_s = train_rate, eval_rate
+    record.resumed = trained.resumed()
+    record.wall_s = trained.wall_s(started)
+    record.extras = method.record_extras()

@@ -315,7 +315,7 @@ def test_ema_model_is_what_predicts_and_follows_the_student():
         before = model.predict_logits(x)
         assert torch.allclose(before, model.logits(x, ema=True))
         assert not torch.allclose(before, model.logits(x))
-        model.on_train_batch_end(None, None, 0)
+        model.update_ema()
         w = model.ema["head"].weight
         assert torch.allclose(w, model.head.weight - 0.5, atol=1e-6)
     no_ema = OwMatch(Problem(3, 6), {}, TINY_BACKBONE, ema_decay=None).eval()

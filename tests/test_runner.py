@@ -7,6 +7,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from methods.lower_bound import LowerBound
+from owdfa_bench.errors import DataError
 from owdfa_bench.metrics import OWDFA_KEYS
 from owdfa_bench.runner import run, select_evaluation
 
@@ -84,7 +85,7 @@ def test_changed_config_is_not_skipped(make_owdfa40_cfg):
 
 def test_failure_is_recorded_then_raised(make_owdfa40_cfg, tmp_path):
     cfg = make_owdfa40_cfg("method=lower_bound", f"data.root={tmp_path / 'missing'}")
-    with pytest.raises(FileNotFoundError, match="data.root"):
+    with pytest.raises(DataError, match="data.root"):
         run(cfg)
     record = json.loads(Path(cfg.run_dir, "results.json").read_text())
     assert record["status"] == "failed" and "data.root" in record["error"]

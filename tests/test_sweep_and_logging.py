@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_OWDFA40
 
+from owdfa_bench.errors import DataError
 from owdfa_bench.runner import run
 
 
@@ -77,7 +78,7 @@ def test_unreadable_images_are_listed_and_fail_the_run(make_owdfa40_cfg, owdfa40
     shutil.copytree(owdfa40_root, root)
     broken = root / "1_Swap_Deepfakes" / "frames" / "000.png"
     broken.write_bytes(b"not a png")
-    with pytest.raises(RuntimeError, match="000.png") as err:
+    with pytest.raises(DataError, match="000.png") as err:
         run(
             make_owdfa40_cfg(
                 "method=lower_bound", f"data.root={root}", "data.max_unreadable_fraction=0.0"

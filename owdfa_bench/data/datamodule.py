@@ -7,6 +7,7 @@ source passes -> datasets, samplers and loaders.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -16,10 +17,13 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from owdfa_bench.data.datasets import EvalRows, TrainRows, find_unreadable, weighted_sampler
+from owdfa_bench.data.resumable import ResumableSampler
 from owdfa_bench.data.splits import HIDDEN_LABEL, DataSplits, Row, check_splits
 from owdfa_bench.data.transforms import build_view
+from owdfa_bench.errors import CheckpointError, DataError, as_user_error
 
 log = logging.getLogger(__name__)
+LISTED_UNREADABLE = 10  # images named in the error
 
 
 def drop_unreadable(splits: DataSplits, max_fraction: float) -> DataSplits:
@@ -29,13 +33,15 @@ def drop_unreadable(splits: DataSplits, max_fraction: float) -> DataSplits:
     if not bad:
         return splits
     fraction = len(bad) / max(1, len(rows))
-    listing = "\n  ".join(bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
     if fraction > max_fraction:
-        raise RuntimeError(
+        listing = ", ".join(bad[:LISTED_UNREADABLE])
+        more = f" and {len(bad) - LISTED_UNREADABLE} more" if len(bad) > LISTED_UNREADABLE else ""
+        raise DataError(
             f"{len(bad)} of {len(rows)} images ({fraction:.2%}) cannot be read, more than "
-            f"data.max_unreadable_fraction={max_fraction}:\n  {listing}\nFix or remove these "
+            f"data.max_unreadable_fraction={max_fraction}: {listing}{more}. Fix or remove these "
             "files, or raise data.max_unreadable_fraction to train without them."
         )
+    listing = "\n  ".join(bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
     log.warning("skipping %d unreadable images:\n  %s", len(bad), listing)
     bad_set = set(bad)
     keep = lambda rs: [r for r in rs if r[0] not in bad_set]  # noqa: E731
@@ -52,17 +58,23 @@ def build_splits(data_cfg: DictConfig, protocol_cfg: DictConfig) -> DataSplits:
     """The rows of the configured data source and protocol, checked, unreadable images removed.
 
     `data._target_` names the source class (owdfa_bench/data/sources.py); whatever it is, its
-    rows pass the same disjointness check, face-crop mapping and readability check here.
+    rows pass the same disjointness check, face-crop mapping and readability check here. What
+    the source raises about its files and rows (FileNotFoundError, ValueError) is a DataError,
+    and so is what the crop cache raises (stale, unreadable crops).
     """
     source = instantiate(data_cfg, _convert_="object")
-    splits = source.splits(protocol_cfg)
-    check_splits(splits, f"data={source.name} protocol={protocol_cfg.name}")
+    where = f"data={source.name} protocol={protocol_cfg.name}"
+    with as_user_error(DataError, where):
+        splits = source.splits(protocol_cfg)
+    check_splits(splits, where)
     if source.crop_face:
         from owdfa_bench.data.faces import resolve_cached_rows
 
-        splits.labelled = resolve_cached_rows(splits.labelled, data_cfg)
-        splits.unlabelled = resolve_cached_rows(splits.unlabelled, data_cfg)
-        splits.test = resolve_cached_rows(splits.test, data_cfg)
+        # the cache's errors: StaleCacheError, unreadable crops (RuntimeErrors), missing files
+        with as_user_error(DataError, where, (RuntimeError, OSError, ValueError)):
+            splits.labelled = resolve_cached_rows(splits.labelled, data_cfg)
+            splits.unlabelled = resolve_cached_rows(splits.unlabelled, data_cfg)
+            splits.test = resolve_cached_rows(splits.test, data_cfg)
     if source.verify_images:
         splits = drop_unreadable(splits, source.max_unreadable_fraction)
     log.info(splits.counts())
@@ -97,6 +109,8 @@ class OWDFADataModule(pl.LightningDataModule):
         self.batch_size, self.seed = batch_size, seed
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.train_sampler: ResumableSampler | None = None
+        self._sampler_resume: tuple[dict[str, Any], bool] | None = None
         if sampler not in ("weighted", "alternating"):
             raise ValueError(f"method.sampler={sampler!r}: use weighted or alternating")
 
@@ -122,9 +136,21 @@ class OWDFADataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
-        n_lab, n_unlab = len(dataset.labelled), len(dataset.unlabelled)
         # The references keep a short last batch; one of size 1 would crash BatchNorm in training.
         drop_last = len(dataset) % self.batch_size == 1
+        self.train_sampler = self.resumable_train_sampler(dataset)
+        if self._sampler_resume is not None:  # set by the checkpoint being resumed from
+            with as_user_error(CheckpointError, "the checkpoint's train sampler", (ValueError,)):
+                self.train_sampler.resume(*self._sampler_resume)
+            self._sampler_resume = None
+        return self._loader(
+            dataset, batch_size=self.batch_size, sampler=self.train_sampler, drop_last=drop_last
+        )
+
+    def resumable_train_sampler(self, dataset: TrainRows) -> ResumableSampler:
+        """The sampler of `method.sampler` over `dataset`, seeded by `seed` (each rank takes its
+        share under DDP), wrapped so that a checkpoint holds its place."""
+        n_lab, n_unlab = len(dataset.labelled), len(dataset.unlabelled)
         world, rank = self._world()
         if n_unlab == 0:
             sampler = torch.utils.data.RandomSampler(
@@ -134,23 +160,33 @@ class OWDFADataModule(pl.LightningDataModule):
             from owdfa_bench.data.samplers import AlternatingBalancedSampler
 
             labels = [y for _, y in dataset.labelled]
-            return self._loader(
-                dataset,
-                batch_size=self.batch_size,
-                drop_last=drop_last,
-                sampler=AlternatingBalancedSampler(
+            # shards itself: every rank draws the same stream and keeps its pairs
+            return ResumableSampler(
+                AlternatingBalancedSampler(
                     labels, n_unlab, seed=self.seed, num_replicas=world, rank=rank
-                ),
+                )
             )
         else:
             sampler = weighted_sampler(n_lab, n_unlab, self.seed)
         if world > 1:  # each rank takes its share of the same stream of draws
-            sampler = DistributedSamplerWrapper(
+            wrapped = DistributedSamplerWrapper(
                 sampler, num_replicas=world, rank=rank, shuffle=False
             )
-        return self._loader(
-            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last
-        )
+            return ResumableSampler(wrapped, stateful=sampler)
+        return ResumableSampler(sampler)
+
+    def sampler_state(self, batches_done: int | None) -> dict[str, Any] | None:
+        """The train sampler's place for a checkpoint: `batches_done` batches of this epoch
+        trained on, or None at the end of an epoch. None before a train loader exists."""
+        if self.train_sampler is None:
+            return None
+        done = None if batches_done is None else batches_done * self.batch_size
+        return self.train_sampler.state(done)
+
+    def resume_sampler(self, state: dict[str, Any], at_epoch_boundary: bool) -> None:
+        """Make the next train loader continue from `state` (of `sampler_state`, saved between
+        epochs when `at_epoch_boundary`)."""
+        self._sampler_resume = (state, at_epoch_boundary)
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

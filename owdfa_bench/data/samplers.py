@@ -102,6 +102,29 @@ class AlternatingBalancedSampler(Sampler[int]):
             pairs = [(self._draw(), self._draw()) for _ in range(self.num_replicas)]
             yield from pairs[self.rank]
 
+    def state_dict(self) -> dict:
+        """What the next draws depend on beyond the seed: the generator and the counters (the
+        permutations are rebuilt from the seed). Plain types, for a weights-only checkpoint."""
+        return {
+            "rng": self._rng.bit_generator.state,
+            "class_draws": self.class_draws.tolist(),
+            "unlabelled_draws": int(self.unlabelled_draws),
+            "next_is_unlabelled": bool(self._next_is_unlabelled),
+            "pools": [len(rows) for rows in self._class_rows] + [self.num_unlabelled],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        pools = [len(rows) for rows in self._class_rows] + [self.num_unlabelled]
+        if list(state["pools"]) != pools:
+            raise ValueError(
+                f"sampler state of pools {state['pools']} does not fit this training set's pools "
+                f"{pools}: the data changed since the checkpoint"
+            )
+        self._rng.bit_generator.state = state["rng"]
+        self.class_draws = np.asarray(state["class_draws"], dtype=np.int64)
+        self.unlabelled_draws = int(state["unlabelled_draws"])
+        self._next_is_unlabelled = bool(state["next_is_unlabelled"])
+
     def _draw(self) -> int:
         if self._next_is_unlabelled:
             index = self._unlabelled_rows[self.unlabelled_draws % self.num_unlabelled]

@@ -47,7 +47,7 @@ class DataSource:
     """What every `conf/data/*.yaml` holds, and the one method a source implements."""
 
     benchmark: ClassVar[str]  # the file in protocols/ whose protocols this source reads
-    _target_: str
+    _target_: str = ""  # the YAML names the class; instantiate consumes it before building
     name: str
     synthetic: bool  # tables and records mark synthetic data
     root: str | None

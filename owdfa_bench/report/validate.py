@@ -124,12 +124,13 @@ def validate(df: pd.DataFrame) -> list[Issue]:
                 )
             )
         version = run["schema_version"]
-        if status != "unreadable" and not pd.isna(version) and version != SCHEMA_VERSION:
+        # RunRecord.from_dict reads every version up to SCHEMA_VERSION
+        if status != "unreadable" and not pd.isna(version) and version > SCHEMA_VERSION:
             issues.append(
                 Issue(
                     "schema",
                     f"{run['path']}: schema_version {run['schema_version']}, this aggregator "
-                    f"reads version {SCHEMA_VERSION}; check the columns of that run",
+                    f"reads versions up to {SCHEMA_VERSION}; check the columns of that run",
                     run["path"],
                 )
             )

@@ -1,0 +1,111 @@
+"""Reading and writing checkpoint files: weights-only reads whose failures are one line, and
+atomic writes whose failures name the run folder.
+
+Every checkpoint is read with `torch.load(weights_only=True)`, so no code in the file runs; a
+file that needs more (it pickles objects other than tensors and plain containers) is refused,
+and the message never suggests loading it unsafely. `CheckpointFiles` is the Trainer's
+checkpoint IO (`plugins=[CheckpointFiles()]`): resuming reads through it, and writes go to a
+temporary file renamed into place, so a checkpoint on disk is always whole.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from owdfa_bench.errors import CheckpointError, RunFolderError
+
+# what torch.load raises on a file that is not a checkpoint, or not a whole one
+UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
+RESUME_KEY = "owdfa_resume"  # what owdfa_bench.resume.ResumeCheckpoint adds to a checkpoint
+START_OVER = "delete it to start the run over, or set force=true"
+
+
+def unsafe_global(message: str) -> str | None:
+    """The object torch's weights-only unpickler refused to build, if that is why it failed
+    (otherwise the bytes are no pickle it reads: a corrupt or foreign file)."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    return found.group(1) if found else None
+
+
+def read_checkpoint(path: str | Path, what: str = "checkpoint", fix: str = "") -> dict[str, Any]:
+    """The checkpoint at `path`, read weights-only on the CPU, or a CheckpointError in one line
+    (`what` names the file's role, `fix` is appended: what to do)."""
+    path = Path(path)
+    then = f"; {fix}" if fix else ""
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path}: no such file{then}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = unsafe_global(str(err))
+        if refused:  # never torch's advice to load it unsafely
+            raise CheckpointError(
+                f"{what} {path} holds a {refused} object, which only an unsafe load could build "
+                "(code in the file would run), so it is refused: use a checkpoint written by "
+                f"owdfa-bench or a state dict of tensors{then}"
+            ) from None
+        raise CheckpointError(
+            f"{what} {path} is not a readable torch checkpoint (its bytes are no pickle of "
+            f"tensors and plain containers); it may be corrupt or not a checkpoint{then}"
+        ) from None
+    except UNREADABLE as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"{what} {path} is not a readable torch checkpoint ({first}); it may be truncated "
+            f"or not a checkpoint at all{then}"
+        ) from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{what} {path} holds a {type(checkpoint).__name__}, not a dict")
+    return checkpoint
+
+
+class CheckpointFiles(TorchCheckpointIO):
+    """Lightning's checkpoint IO, reading weights-only with one-line errors and writing
+    atomically with errors that name the run folder."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        # always weights-only, whatever the caller asks; the map location is the CPU (Lightning
+        # moves the restored state to the model's device)
+        checkpoint = read_checkpoint(path, "resuming: the checkpoint", START_OVER)
+        if RESUME_KEY not in checkpoint:
+            raise CheckpointError(
+                f"resuming: the checkpoint {path} holds no resume state (written by an older "
+                f"owdfa-bench or by hand), so the run would not continue exactly; {START_OVER}"
+            )
+        return checkpoint
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        try:
+            super().save_checkpoint(checkpoint, path, storage_options)
+        except OSError as err:
+            raise RunFolderError(
+                f"cannot write the checkpoint {path}: {err.strerror or err}; make the run folder "
+                "writable and free space there, or set output_root to another folder"
+            ) from err
+
+
+def state_dict_differences(
+    have: dict[str, torch.Tensor], want: dict[str, torch.Tensor], listed: int = 5
+) -> str:
+    """How the state dict `have` differs from the model's `want`: missing and unexpected keys,
+    shape mismatches, each listed up to `listed` (one line)."""
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    shapes = sorted(
+        f"{k} {tuple(have[k].shape)} vs {tuple(want[k].shape)}"
+        for k in set(have) & set(want)
+        if tuple(have[k].shape) != tuple(want[k].shape)
+    )
+    parts = []
+    for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+        if keys:
+            more = f" and {len(keys) - listed} more" if len(keys) > listed else ""
+            parts.append(f"{len(keys)} {name} ({', '.join(keys[:listed])}{more})")
+    return "; ".join(parts)
