@@ -2,9 +2,11 @@
 
 Paper: "Open-World Deepfake Attribution via Confidence-Aware Asymmetric Learning" (Zheng et al.).
 Official code: https://github.com/HaiyangZheng/OWDFA-CAL (`CAL/algorithm/CAL.py`,
-`CAL/encoder/models.py`, `train.py`, `scripts/train*.sh`). Specification: methods.md section 3.
+`CAL/encoder/models.py`, `train.py`, `scripts/train*.sh`). What the port keeps and changes of the
+reference is summarised in `docs/reference-behaviour.md`.
 
-What it computes (methods.md 3.1-3.4):
+What it computes (`CAL_Classifier` in `CAL/encoder/models.py`; `training_step` and the epoch-end
+hooks of `CAL_OWDFA` in `CAL/algorithm/CAL.py`):
   model     backbone feature map * DCT frequency attention -> custom pool 1x1 -> BNNeck ->
             dropout -> bias-free prototype head (first `num_active` rows live);
   losses    L = L_cls + L_reg + L_acr + 0.2 L_ccr (supervised CE on both views, marginal-entropy
@@ -18,24 +20,24 @@ What it computes (methods.md 3.1-3.4):
             So the evaluation of epoch e uses the prototypes before epoch e's pruning, and the
             threshold updated at the end of epoch e is first used in epoch e+1, as in the reference.
 
-Kept reference behaviour (methods.md section 8, "K"): confidence statistics over all rows with
-a T=1 softmax, theta_novel starting at 0 and allowed above 1 (15); ACR trains the weak view on its
-own argmax (16); known-K heads use the true total number of classes, an oracle (17); DPP from
-epoch 0 on dropout-noisy train logits of all rows, merged anchors L2-normalised while the other
-prototypes are not, pruned rows zeroed but left in the parameter where Adam momentum still moves
-them, Adam state not permuted (18); evaluation of epoch e before its pruning (20).
+Kept reference behaviour: confidence statistics over all rows with a T=1 softmax, theta_novel
+starting at 0 and allowed above 1; ACR trains the weak view on its own argmax; known-K heads use
+the true total number of classes, an oracle; DPP from epoch 0 on dropout-noisy train logits of
+all rows, merged anchors L2-normalised while the other prototypes are not, pruned rows zeroed but
+left in the parameter where Adam momentum still moves them, Adam state not permuted; evaluation
+of epoch e before its pruning.
 
-Deliberate deviations (methods.md section 8, "F", and harness choices):
+Deliberate deviations from the reference, and harness choices:
   1. The active prototype count is a buffer (`head.num_active`) saved in the state dict; the
-     reference keeps a plain attribute, so its eval-only reload scores all 10 x K_k rows (19).
+     reference keeps a plain attribute, so its eval-only reload scores all 10 x K_k rows.
      `owdfa_bench.evaluate` reports that reference figure beside ours.
   2. theta_novel is a buffer too, so a resumed run continues with the threshold it had (the
      reference loses it on resume; an uninterrupted run is unaffected).
   3. Usage ties in DPP are broken by prototype index (stable sort); the reference's
-     `torch.sort` leaves their order unspecified (18).
+     `torch.sort` leaves their order unspecified.
   4. The DCT attention is pooled to the backbone feature map's size, not a hard-coded 8x8:
      identical for the reference's 256 px input with a stride-32 ResNet-50, and it avoids the
-     bilinear resize (non-deterministic on CUDA, 21) for other resolutions such as 64 px synth
+     bilinear resize (non-deterministic on CUDA) for other resolutions such as 64 px synth
      images (64 -> 2x2, kernel 32). Bilinear resize remains the fallback when the map cannot be
      reached by pooling, as in the reference.
   5. The DCT is a precomputed cosine basis applied as two matmuls (torch-dct is not a
@@ -47,7 +49,9 @@ Deliberate deviations (methods.md section 8, "F", and harness choices):
      single-GPU). With one process nothing changes.
   7. The weak logits are cached only when pruning is on (k=unknown); the reference also caches
      them under known K and throws them away, which changes no number.
-The dataset seed (5) and the pseudo-epoch CLI spelling (13) are handled by the config, not here.
+CAL's fixed dataset seed (`get_dataset` never forwards `--seed`, so the split is always built
+with 2025) and its misspelt `--pseudo_epohcs` flag are config values (`data.split_seed`,
+`pseudo_start_epoch`), not handled here.
 """
 
 from __future__ import annotations
@@ -281,7 +285,7 @@ def prototype_usage(logits: torch.Tensor, num_prototypes: int) -> torch.Tensor:
 def num_unlabelled_to_keep(
     usage: Sequence[float] | np.ndarray | torch.Tensor, coverage: float = 0.9544
 ) -> int:
-    """How many unlabelled prototypes DPP keeps (methods.md 3.4 step 3).
+    """How many unlabelled prototypes DPP keeps (`_select_num_unlabeled_prototypes_to_keep`).
 
     The fewest most-used prototypes whose usage reaches `coverage` of the total, extended down
     the sorted tail while a count is at least the tail's mean or its drop from the previous count
@@ -316,7 +320,7 @@ def merge_unlabelled_prototypes(
     weight: torch.Tensor, usage: torch.Tensor, num_known: int, keep: int
 ) -> torch.Tensor:
     """Known rows unchanged, then the `keep` most-used unlabelled prototypes with the rest merged
-    into them (methods.md 3.4 steps 4-5). Returns [num_known + keep, D].
+    into them (`_merge_unlabeled_prototypes`). Returns [num_known + keep, D].
 
     Each low-usage prototype is assigned once, before any update, to the anchor of highest
     cosine similarity (first on ties); an anchor with assignees becomes the L2-normalised

@@ -4,7 +4,8 @@ Paper: Z. Sun, S. Chen, T. Yao, B. Yin, R. Yi, S. Ding, L. Ma, "Contrastive Pseu
 Open-World DeepFake Attribution", ICCV 2023.
 Official code: github.com/TencentYoutuResearch/OpenWorld-DeepFakeAttribution
 (`owdfa/algorithm/owssl/CPL.py`, `owdfa/encoder/base_net.py: CPLClassifier`,
-`configs/train_cpl.yaml`); specification: methods.md sections 1.2-1.3, 4 and 8.
+`configs/train_cpl.yaml`). What the port keeps and changes of the reference is summarised in
+`docs/reference-behaviour.md`.
 
 Model: backbone feature map -> global feature (custom pool to 1x1, BNNeck) and 3x3 part
 features (the reference's overlapping custom pooling, one frozen-bias BN per part) ->
@@ -12,13 +13,14 @@ dropout -> bias-free prototype head on the global feature. Loss on a batch with 
 rows first: margin CE (+0.2 on the target logit) + 0.5 Global-Local Voting (pair BCE) + 0.5
 confidence-weighted Gumbel soft pseudo-labels - 1.0 entropy of the mean prediction.
 
-Kept reference behaviour (methods.md 8): negative margin (24), non-detached confidence factor
-and stochastic Gumbel targets (26), model selection on the test set (`selection_metric =
-"all_nmi"`, used only with `selection=best_on_test`; 1), the balanced alternating sampler
-(`sampler: alternating`, quirk 27 in `owdfa_bench/data/samplers.py`).
+Kept reference behaviour: the negative margin (`MarginLoss(m=-0.2)` raises the target logit, so
+the CE gets easier), the non-detached confidence factor and stochastic Gumbel targets of CSP,
+model selection on the test set (`selection_metric = "all_nmi"`, used only with
+`selection=best_on_test`), and the balanced alternating sampler with the reference's bookkeeping
+(`sampler: alternating`, `owdfa_bench/data/samplers.py`).
 
 Deliberate deviations from the reference:
-  * GLV works for any batch size (quirk 23, F): the reference returns a hard-coded CUDA zero
+  * GLV works for any batch size: the reference returns a hard-coded CUDA zero
     for a batch shorter than `batch_size` (the last one of an epoch) and assumes CUDA; here the
     pair term is computed on every batch. With one row only, that row is its own partner.
   * The batch is reordered labelled-first inside the step, as the reference's `SSLModel` does;
@@ -26,7 +28,7 @@ Deliberate deviations from the reference:
     possible with `sampler=weighted`) gets zero CE; one without unlabelled rows zero CSP.
   * The labelled partner is drawn with torch's RNG (seeded by the run seed) instead of the
     global NumPy RNG; the distribution is the same (uniform over the other same-class rows).
-  * `MarginLoss`'s uint8 mask (quirk 25, F) is a one-hot addition: identical values.
+  * `MarginLoss`'s uint8 mask in `torch.where` is a one-hot addition here: identical values.
   * The part BNs' weights are frozen at one. The parts only feed the detached pair selection,
     so in the reference those weights never receive a gradient and never change either (they
     were trainable but unused, hence DDP's `find_unused_parameters`). Values are unchanged.
@@ -39,7 +41,7 @@ Deliberate deviations from the reference:
     the grid, so corner parts equal the corner cells and middle parts average their
     neighbours, like the reference's overlapping windows. Maps of at least 3x3 (the paper
     recipe: 256 px, resnet50 -> 8x8) take the reference's pooling unchanged.
-  * The unused timm ImageNet `fc` of the reference model is not built (quirk 33, no effect).
+  * The unused timm ImageNet `fc` of the reference model is not built (no effect on outputs).
   * Training view: CPL has one train transform (albumentations: flip, RandomResizedCrop(292,
     scale 0.5-1) with p 0.2, RandomBrightnessContrast(0.2, 0.2) with p 0.2, resize to 256).
     The closest shared view is our "strong" one (CAL's: flip, the same p-0.2 crop, else the
@@ -277,7 +279,7 @@ def cpl_losses(
 
 
 class CPL(OWDFAMethod):
-    """CPL on the shared runner (methods.md section 4)."""
+    """CPL (TencentYoutuResearch/OpenWorld-DeepFakeAttribution) on the shared runner."""
 
     train_views = ("strong",)  # single view; "strong" is the closest to CPL's train transform
     selection_metric = "all_nmi"  # the reference checkpoints on best test All NMI

@@ -124,9 +124,11 @@ def epoch_share(value: int, of: int, epochs: int) -> int:
     hyper-parameters this way (e.g. CAL's pseudo-label start, epoch 5 of 50), so they are the
     reference's at the reference length and keep their place in a shorter or longer schedule.
     """
-    for name, v in (("value", value), ("of", of), ("epochs", epochs)):
-        if not is_int(v) or v < (1 if name != "value" else 0):
+    for name, v in (("value", value), ("of", of)):
+        if not is_int(v) or v < (1 if name == "of" else 0):
             raise ConfigValueError(f"epoch_share {name}={v!r}: must be a whole number of epochs")
+    if not is_int(epochs) or epochs < 1:
+        return 0  # the value checks then name the key: method.epochs must be >= 1
     return int(value * epochs / of + 0.5)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import scipy.fft
 import torch
+from compare import differences
 
 from methods.cal import (
     CAL,
@@ -496,5 +497,5 @@ def test_reference_layout_of_a_pruned_run_evaluates_like_ours(make_cfg, tmp_path
     ours = evaluate_checkpoint(make_cfg("method=cal", "k=unknown"), ours_ckpt)
     theirs = evaluate_checkpoint(make_cfg("method=cal", "k=unknown"), reference, active)
     assert theirs["load"]["format"] == "cal_reference" and theirs["num_active"] == active
-    assert theirs["metrics"] == ours["metrics"]
+    assert not differences(ours["metrics"], theirs["metrics"])  # two models built: floats to 1e-6
     assert theirs["reference_all_rows"]["k_estimated"] == rows

@@ -17,18 +17,17 @@ The config hashes are those of 88adfe8 except CAL's: removing `method.model.plot
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from compare import differences
 
 TESTS = Path(__file__).resolve().parent
 GOLDEN = TESTS / "data" / "golden_records.json"
 METHODS = ("lower_bound", "upper_bound", "cal", "cpl")
 SEED = 2025
-TOLERANCE = 1e-6
 # What says where, when or with what a run was made, not what it computed.
 VOLATILE_KEYS = {
     "wall_s",
@@ -107,32 +106,6 @@ def run_cells(synth_root: Path, output_root: Path) -> dict[str, Any]:
         "summary": summary_rows(paths["summary"]),
         "config_hash": {m: config_hash_of(m) for m in METHODS},
     }
-
-
-def differences(want: Any, got: Any, where: str = "") -> list[str]:
-    """Where `got` differs from `want`: floats within TOLERANCE, everything else exactly."""
-    if isinstance(want, dict) and isinstance(got, dict):
-        out = [f"{where}.{k}: missing" for k in want if k not in got]
-        out += [f"{where}.{k}: unexpected" for k in got if k not in want]
-        for k in want.keys() & got.keys():
-            out += differences(want[k], got[k], f"{where}.{k}")
-        return out
-    if isinstance(want, list) and isinstance(got, list):
-        if len(want) != len(got):
-            return [f"{where}: length {len(got)} != {len(want)}"]
-        out = []
-        for i, (a, b) in enumerate(zip(want, got)):
-            out += differences(a, b, f"{where}[{i}]")
-        return out
-    if is_float_pair(want, got):
-        close = math.isclose(want, got, rel_tol=0, abs_tol=TOLERANCE)
-        return [] if close else [f"{where}: {got} != {want}"]
-    return [] if want == got else [f"{where}: {got!r} != {want!r}"]
-
-
-def is_float_pair(a: Any, b: Any) -> bool:
-    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (a, b))
-    return numbers and (isinstance(a, float) or isinstance(b, float))
 
 
 @pytest.mark.skipif(not GOLDEN.is_file(), reason="no golden records yet (--write makes them)")

@@ -1,10 +1,10 @@
 """Training samplers over the merged (labelled + unlabelled) train set.
 
 `AlternatingBalancedSampler` is CPL's `MultilabelBalancedRandomSampler` with `class_choice=
-"balance"` (methods.md 2.5), the sampler of CPL, MPSL and CDAL. The merged dataset holds the
-labelled rows at indices 0..L-1 and the unlabelled rows at L..L+U-1.
+"balance"` (`owdfa/datasets/utils/sampler.py`), the sampler of CPL, MPSL and CDAL. The merged
+dataset holds the labelled rows at indices 0..L-1 and the unlabelled rows at L..L+U-1.
 
-Kept from the reference (methods.md 8, quirk 27, "K"):
+Kept from the reference (reproducing its batches needs its bookkeeping):
   * each pool (one per labelled class, one for all unlabelled rows) is permuted once, at
     construction, and then cycled in that order for the whole run;
   * the per-pool draw counters and the labelled/unlabelled alternation persist across epochs;
