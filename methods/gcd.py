@@ -62,7 +62,7 @@ from torch import nn
 
 from methods.common_losses import cosine_logits, info_nce_loss, projection_mlp, supcon_loss
 from owdfa_bench.kmeans import assign_to_centres, estimate_k_brent, semi_supervised_kmeans
-from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch
+from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, detach_terms
 from owdfa_bench.models import GlobalFeatureEncoder
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class GCD(OWDFAMethod):
             self.infonce_temp,
             self.supcon_temp,
         )
-        return {k: (v if k == "loss" else v.detach()) for k, v in out.items()}
+        return detach_terms(out)
 
     # ------------------------------------------------------------------ prediction
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,22 +232,10 @@ class GCD(OWDFAMethod):
     @torch.no_grad()
     def split_features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised features and labels of a training split (eval transform, eval mode)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "eval_loader"):
-            raise RuntimeError(
-                "GCD clusters the training rows too: the datamodule must provide "
-                "eval_loader('labelled' | 'unlabelled')"
-            )
-        was_training = self.training
-        self.eval()
         feats, ys = [], []
-        for batch in datamodule.eval_loader(split):
-            x = batch["image"].to(self.device)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x, y in self.eval_pass(split, "GCD clusters the training rows too"):
             feats.append(self.predict_logits(x).float().cpu())
-            ys.append(batch["y"].cpu())
-        self.train(was_training)
+            ys.append(y.cpu())
         return torch.cat(feats), torch.cat(ys)
 
     def full_clustering_due(self) -> bool:

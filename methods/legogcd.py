@@ -64,25 +64,15 @@ Deliberate deviations from the official code:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from methods.common_losses import (
-    cosine_logits,
-    decay_groups,
-    info_nce_loss,
-    masked_cross_entropy,
-    mean_entropy_gap,
-    projection_mlp,
-    self_distillation_loss,
-    simgcd_head_rows,
-    supcon_loss,
-    teacher_temperature,
-)
-from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, build_optimizer
-from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead, train_only
+from methods.common_losses import self_distillation_loss, simgcd_head_rows
+from methods.simgcd_family import SimGCDFamily, joint_total
+from owdfa_bench.method import Problem, TrainBatch, detach_terms
+from owdfa_bench.models import train_only
 
 DKL_FORMS = ("code", "kl")
 
@@ -160,21 +150,12 @@ def legogcd_total(
     ler_weight: float = 2.0,
 ) -> torch.Tensor:
     """(1-lam)(distill + dkl + eps memax) + lam cls + (1-lam) infonce + lam supcon + beta ler."""
-    lam = sup_weight
     cluster = terms["distill"] + terms["dkl"] + memax_weight * terms["memax"]
-    return (
-        (1 - lam) * cluster
-        + lam * terms["cls"]
-        + (1 - lam) * terms["infonce"]
-        + lam * terms["supcon"]
-        + ler_weight * terms["ler"]
-    )
+    return joint_total(cluster, terms, sup_weight) + ler_weight * terms["ler"]
 
 
-class LegoGCD(OWDFAMethod):
+class LegoGCD(SimGCDFamily):
     """LegoGCD on the shared runner (SimGCD + LER + DKL)."""
-
-    train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
 
     def __init__(
         self,
@@ -203,86 +184,58 @@ class LegoGCD(OWDFAMethod):
         no_decay_on_bias_and_norm: bool = False,
         trainable: str | Sequence[str] = "all",
     ):
-        super().__init__(problem, optim)
         if dkl_form not in DKL_FORMS:
             raise ValueError(f"method.model.dkl_form={dkl_form!r}: use one of {DKL_FORMS}")
-        self.sup_weight, self.memax_weight = float(sup_weight), float(memax_weight)
-        self.student_temp, self.teacher_temp = float(student_temp), float(teacher_temp)
-        self.warmup_teacher_temp = float(warmup_teacher_temp)
-        self.warmup_teacher_temp_epochs = int(warmup_teacher_temp_epochs)
-        self.infonce_temp, self.supcon_temp = float(infonce_temp), float(supcon_temp)
+        rows = simgcd_head_rows(problem, unknown_k_factor)
+        super().__init__(problem, optim, backbone, rows, (proj_hidden_dim, proj_dim, proj_layers))
+        self.set_joint_weights(
+            sup_weight, student_temp, infonce_temp, supcon_temp, no_decay_on_bias_and_norm
+        )
+        self.set_self_distillation(
+            memax_weight, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs
+        )
         self.dkl_form, self.dkl_detach_view2 = str(dkl_form), bool(dkl_detach_view2)
         self.ler_threshold, self.ler_temp = float(ler_threshold), float(ler_temp)
         self.ler_logit_adjust, self.ler_weight = float(ler_logit_adjust), float(ler_weight)
         self.prior_momentum = float(prior_momentum)
-        self.no_decay_on_bias_and_norm = bool(no_decay_on_bias_and_norm)
-        self.encoder = GlobalFeatureEncoder(backbone)
-        self.projector = projection_mlp(self.encoder.dim, proj_hidden_dim, proj_dim, proj_layers)
-        rows = simgcd_head_rows(problem, unknown_k_factor)
-        self.head = PrototypeHead(self.encoder.dim, rows)
         # q-hat: saved in checkpoints so that a resumed run continues the same prior
         self.register_buffer("prior", torch.full((rows,), 1.0 / rows))
-        self.register_buffer("usage", torch.zeros(rows, dtype=torch.long), persistent=False)
+        self.track_usage(rows)
         self.trainable = train_only(self, trainable)
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return cosine_logits(features, self.head.weight[: self.head.active])
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(self.encoder(x)) / self.student_temp
-
-    def k_estimated(self) -> int | None:
-        if self.problem.k_mode == "known":
-            return None
-        used = int((self.usage > 0).sum())
-        return used if used > 0 else self.head.active  # before any training step: head size
 
     def confidence_thresholds(self) -> tuple[float, float]:
         """LER trusts known-predicted rows at delta; it never selects a novel-predicted row."""
         return (self.ler_threshold, 1.0)
 
-    def on_train_epoch_start(self) -> None:
-        self.usage.zero_()
-
     def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        b = batch.y.shape[0]
-        features = self.encoder(torch.cat(batch.views[:2]))
-        proj = self.projector(features)
-        logits = self.logits(features)
-        l1, l2 = logits[:b], logits[b:]
-        lab = batch.labelled
-        t_teacher = teacher_temperature(
-            self.current_epoch,
-            self.warmup_teacher_temp_epochs,
-            self.warmup_teacher_temp,
-            self.teacher_temp,
-        )
+        fwd = self.joint_forward(self.encoder(torch.cat(batch.views[:2])), batch)
+        logits, l1, l2 = fwd.logits, fwd.l1, fwd.l2
+        t_teacher = self.teacher_temp_at(self.current_epoch)
         selected = ler_selection(
-            logits, lab.repeat(2), self.problem.num_known, self.ler_threshold, self.student_temp
+            logits,
+            batch.labelled.repeat(2),
+            self.problem.num_known,
+            self.ler_threshold,
+            self.student_temp,
         )
-        terms = {
-            "cls": masked_cross_entropy(
-                logits / self.student_temp, batch.y.repeat(2), lab.repeat(2)
-            ),
-            "distill": self_distillation_loss(l1, l2, t_teacher, self.student_temp),
-            "dkl": dual_view_kl(l1, l2, self.student_temp, self.dkl_form, self.dkl_detach_view2),
-            "memax": mean_entropy_gap(F.softmax(logits / self.student_temp, dim=1)),
-            "infonce": info_nce_loss(proj[:b], proj[b:], self.infonce_temp),
-            "supcon": supcon_loss(proj[:b][lab], proj[b:][lab], batch.y[lab], self.supcon_temp),
-            "ler": local_entropy_loss(
-                logits, selected, self.prior, self.ler_temp, self.ler_logit_adjust
-            ),
-        }
+        terms = self.joint_terms(
+            fwd,
+            batch,
+            distill=self_distillation_loss(l1, l2, t_teacher, self.student_temp),
+            dkl=dual_view_kl(l1, l2, self.student_temp, self.dkl_form, self.dkl_detach_view2),
+            memax=self.memax_term(logits),
+        )
+        terms["ler"] = local_entropy_loss(
+            logits, selected, self.prior, self.ler_temp, self.ler_logit_adjust
+        )
         loss = legogcd_total(terms, self.sup_weight, self.memax_weight, self.ler_weight)
         with torch.no_grad():  # after the loss, once per step (`train.py`: `update_qhat`)
             self.prior.copy_(update_class_prior(self.prior, logits, self.prior_momentum))
-            self.usage += torch.bincount(l1.argmax(1), minlength=self.usage.numel())
-        out = {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
+        self.count_usage(l1)
+        out = detach_terms({"loss": loss, **terms})
         out["teacher_temp"] = torch.tensor(t_teacher)
         out["ler_selected"] = selected.float().mean().detach()
         return out
-
-    def configure_optimizers(self):
-        if not self.no_decay_on_bias_and_norm:
-            return super().configure_optimizers()
-        return build_optimizer(self.optim, decay_groups(self), self.problem.max_epochs)

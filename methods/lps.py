@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.common_losses import cosine_logits, entropy_of_mean, open_world_head_rows
-from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch
+from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, detach_terms
 from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead, train_only
 
 
@@ -245,9 +245,7 @@ class LPS(OWDFAMethod):
         self.encoder = GlobalFeatureEncoder(backbone)
         self.head = PrototypeHead(self.encoder.dim, open_world_head_rows(problem, unknown_k_factor))
         nn.init.uniform_(self.head.weight, -1.0, 1.0)  # NormedLinear: uniform(-1, 1), renormed
-        self.register_buffer(
-            "usage", torch.zeros(self.head.active, dtype=torch.long), persistent=False
-        )
+        self.track_usage(self.head.active)
         self.trainable = train_only(self, trainable)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,12 +253,6 @@ class LPS(OWDFAMethod):
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x)
-
-    def k_estimated(self) -> int | None:
-        if self.problem.k_mode == "known":
-            return None
-        used = int((self.usage > 0).sum())
-        return used if used > 0 else self.head.active
 
     def novel_threshold(self) -> float:
         epoch = int(self.current_epoch)  # 0 before a trainer is attached
@@ -274,9 +266,6 @@ class LPS(OWDFAMethod):
     def confidence_thresholds(self) -> tuple[float, float]:
         """The pseudo-label thresholds of this epoch: 0.95 (seen), lambda_n(e) (novel)."""
         return (self.seen_threshold, self.novel_threshold())
-
-    def on_train_epoch_start(self) -> None:
-        self.usage.zero_()
 
     def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         x1, x2, x3 = batch.views[:3]
@@ -295,7 +284,7 @@ class LPS(OWDFAMethod):
             self.margin_max,
             self.temperature,
         )
-        self.usage += torch.bincount(z1.detach().argmax(1), minlength=self.usage.numel())
-        out = {k: (v if k == "loss" else v.detach()) for k, v in out.items()}
+        self.count_usage(z1)
+        out = detach_terms(out)
         out["novel_threshold"] = torch.tensor(lam)
         return out

@@ -62,7 +62,7 @@ from methods.common_losses import (
     open_world_head_rows,
     pairwise_bce,
 )
-from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch
+from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, detach_terms
 from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead
 
 log = logging.getLogger(__name__)
@@ -146,9 +146,7 @@ class ORCA(OWDFAMethod):
         self.dropout = nn.Dropout(dropout)
         self.head = PrototypeHead(self.encoder.dim, open_world_head_rows(problem, unknown_k_factor))
         self.margin = self.margin_cap  # before any confidence is measured (u ~ 1 at init)
-        self.register_buffer(
-            "usage", torch.zeros(self.head.active, dtype=torch.long), persistent=False
-        )
+        self.track_usage(self.head.active)
         self._conf_sum, self._conf_count = 0.0, 0  # unlabelled training rows of this epoch
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -159,33 +157,18 @@ class ORCA(OWDFAMethod):
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(self.encoder(x))
 
-    def k_estimated(self) -> int | None:
-        if self.problem.k_mode == "known":
-            return None
-        used = int((self.usage > 0).sum())
-        return used if used > 0 else self.head.active
-
     # ------------------------------------------------------------------ adaptive margin
     @torch.no_grad()
     def unlabelled_mean_confidence(self) -> float:
         """Mean max-softmax confidence over the unlabelled training rows, eval mode."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "eval_loader"):
-            raise RuntimeError(
-                "ORCA's margin_source=unlabelled_pass needs a datamodule with "
-                "eval_loader('unlabelled'); set method.model.margin_source="
-                "previous_epoch otherwise"
-            )
-        was_training = self.training
-        self.eval()
+        needed_for = (
+            "ORCA's margin_source=unlabelled_pass (set method.model.margin_source="
+            "previous_epoch otherwise)"
+        )
         total, count = 0.0, 0
-        for batch in datamodule.eval_loader("unlabelled"):
-            x = batch["image"].to(self.device)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x, _ in self.eval_pass("unlabelled", needed_for):
             conf = F.softmax(self.predict_logits(x).float(), dim=1).max(dim=1).values
             total, count = total + float(conf.sum()), count + conf.numel()
-        self.train(was_training)
         return total / count if count else 1.0 - self.margin_cap
 
     def on_train_epoch_start(self) -> None:
@@ -194,7 +177,7 @@ class ORCA(OWDFAMethod):
         elif self._conf_count:
             self.margin = adaptive_margin(self._conf_sum / self._conf_count, self.margin_cap)
         self._conf_sum, self._conf_count = 0.0, 0
-        self.usage.zero_()
+        super().on_train_epoch_start()  # zeroes the usage counts
 
     # ------------------------------------------------------------------ training
     def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
@@ -206,7 +189,7 @@ class ORCA(OWDFAMethod):
             conf = F.softmax(l1[~batch.labelled], dim=1).max(dim=1).values
             self._conf_sum += float(conf.sum())
             self._conf_count += conf.numel()
-            self.usage += torch.bincount(l1.argmax(1), minlength=self.usage.numel())
-        out = {k: (v if k == "loss" else v.detach()) for k, v in out.items()}
+        self.count_usage(l1)
+        out = detach_terms(out)
         out["margin"] = torch.tensor(self.margin)
         return out

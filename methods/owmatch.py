@@ -429,7 +429,7 @@ class OwMatch(OWDFAMethod):
         )
         self.register_buffer("queue2", torch.zeros(0, c), persistent=False)
         self.register_buffer("queue1", torch.zeros(0, c), persistent=False)
-        self.register_buffer("usage", torch.zeros(c, dtype=torch.long), persistent=False)
+        self.track_usage(c)
         self.trainable = train_only(self, trainable)
         self.ema = None
         if self.ema_decay is not None:  # the evaluated model; a copy, updated after each step
@@ -448,12 +448,6 @@ class OwMatch(OWDFAMethod):
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x, ema=self.ema is not None)
 
-    def k_estimated(self) -> int | None:
-        if self.problem.k_mode == "known":
-            return None
-        used = int((self.usage > 0).sum())
-        return used if used > 0 else self.head.active
-
     def class_thresholds(self) -> torch.Tensor:
         return class_thresholds(
             self.thr_tau, self.thr_mu_seen, self.thr_mu_novel, self.threshold_floor
@@ -471,9 +465,6 @@ class OwMatch(OWDFAMethod):
         return max(1, int(round(self.crop_ratio * image_size)))
 
     # ------------------------------------------------------------------ training
-    def on_train_epoch_start(self) -> None:
-        self.usage.zero_()
-
     def _codes(self, name: str, logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
         pinned = pin_labelled_logits(logits, batch.y, batch.labelled, self.hard_logit).float()
         queue = push_queue(getattr(self, name), pinned, self.queue_len)
@@ -526,7 +517,7 @@ class OwMatch(OWDFAMethod):
             clu = clustering_loss(codes2, z1.float(), codes1=codes1, logits2=z2.float())
         sup = masked_cross_entropy(z1.float(), batch.y, batch.labelled)
         loss = conf_loss + sup + clu
-        self.usage += torch.bincount(z1.detach().argmax(1), minlength=self.usage.numel())
+        self.count_usage(z1)
         one = thresholds.new_ones(())  # an empty group (k=unknown with k.estimate = K_known)
         return {
             "loss": loss,

@@ -96,25 +96,16 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from methods.common_losses import (
-    cosine_logits,
-    decay_groups,
-    info_nce_loss,
-    masked_cross_entropy,
-    mean_entropy_gap,
-    projection_mlp,
-    self_distillation_loss,
-    supcon_loss,
-    teacher_temperature,
-)
-from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, build_optimizer
-from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead, custom_avg_pool2d, train_only
+from methods.common_losses import decay_groups, self_distillation_loss
+from methods.simgcd_family import SimGCDFamily, joint_total
+from owdfa_bench.method import Problem, TrainBatch, build_optimizer
+from owdfa_bench.models import custom_avg_pool2d, train_only
 
 log = logging.getLogger(__name__)
 
@@ -679,10 +670,8 @@ def two_stage_lr_factor(
 
 
 # ============================================================================ method
-class PALGCD(OWDFAMethod):
+class PALGCD(SimGCDFamily):
     """PAL-GCD on the shared runner: association + proxy memory, then joint SimGCD (k=known)."""
-
-    train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
 
     def __init__(
         self,
@@ -721,23 +710,24 @@ class PALGCD(OWDFAMethod):
         no_decay_on_bias_and_norm: bool = False,
         trainable: str | Sequence[str] = "all",
     ):
-        super().__init__(problem, optim)
         if predict_with not in PREDICT_MODES:
             raise ValueError(f"method.model.predict_with={predict_with!r}: use {PREDICT_MODES}")
         if int(association_interval) < 1:
             raise ValueError("method.model.association_interval must be >= 1 (epochs)")
-        self.stage1_epochs = int(stage1_epochs)
         # stage 2 needs the classifier, which needs the true K: k=unknown runs stage 1 only
-        self.second_stage = (
+        second_stage = (
             bool(two_stage)
             and problem.k_mode == "known"
-            and self.stage1_epochs < int(problem.max_epochs)
+            and int(stage1_epochs) < int(problem.max_epochs)
         )
-        if predict_with == "head" and not self.second_stage:
+        if predict_with == "head" and not second_stage:
             raise ValueError(
                 "method.model.predict_with=head needs stage 2 (k=known, two_stage=true and "
                 "stage1_epochs below the number of epochs); use auto or proxies"
             )
+        rows = problem.num_classes if problem.k_mode == "known" else problem.num_known
+        super().__init__(problem, optim, backbone, rows, (proj_hidden_dim, proj_dim, proj_layers))
+        self.stage1_epochs, self.second_stage = int(stage1_epochs), second_stage
         self.predict_with = predict_with
         self.stage2_lr_ratio = float(stage2_lr_ratio)
         self.restart_schedule_at_stage2 = bool(restart_schedule_at_stage2)
@@ -754,16 +744,12 @@ class PALGCD(OWDFAMethod):
         self.memory_temp, self.memory_momentum = float(memory_temp), float(memory_momentum)
         self.memory_neg_k, self.memory_detach = int(memory_neg_k), bool(memory_detach)
         self.stage2_memory_weight = float(stage2_memory_weight)
-        self.sup_weight, self.memax_weight = float(sup_weight), float(memax_weight)
-        self.student_temp, self.teacher_temp = float(student_temp), float(teacher_temp)
-        self.warmup_teacher_temp = float(warmup_teacher_temp)
-        self.warmup_teacher_temp_epochs = int(warmup_teacher_temp_epochs)
-        self.infonce_temp, self.supcon_temp = float(infonce_temp), float(supcon_temp)
-        self.no_decay_on_bias_and_norm = bool(no_decay_on_bias_and_norm)
-        self.encoder = GlobalFeatureEncoder(backbone)
-        self.projector = projection_mlp(self.encoder.dim, proj_hidden_dim, proj_dim, proj_layers)
-        rows = problem.num_classes if problem.k_mode == "known" else problem.num_known
-        self.head = PrototypeHead(self.encoder.dim, rows)
+        self.set_joint_weights(
+            sup_weight, student_temp, infonce_temp, supcon_temp, no_decay_on_bias_and_norm
+        )
+        self.set_self_distillation(
+            memax_weight, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs
+        )
         if not self.second_stage:  # a stage-1-only run never trains the SimGCD heads
             for p in [*self.projector.parameters(), *self.head.parameters()]:
                 p.requires_grad_(False)
@@ -779,9 +765,6 @@ class PALGCD(OWDFAMethod):
         """(f, f_mem): the pooled backbone feature and normalise(BNNeck(f))."""
         f = custom_avg_pool2d(self.encoder.feature_map(x), 1).flatten(1)
         return f, F.normalize(self.encoder.neck(f), dim=1)
-
-    def logits(self, f: torch.Tensor) -> torch.Tensor:
-        return cosine_logits(f, self.head.weight[: self.head.active])
 
     def stage(self, epoch: int | None = None) -> int:
         epoch = int(self.current_epoch if epoch is None else epoch)
@@ -829,22 +812,10 @@ class PALGCD(OWDFAMethod):
     def embed_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """f_mem and labels of a training split (test transform, eval mode; unlabelled labels
         are never read)."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "eval_loader"):
-            raise RuntimeError(
-                "PAL-GCD associates the training rows: the datamodule must provide "
-                "eval_loader('labelled' | 'unlabelled')"
-            )
-        was_training = self.training
-        self.eval()
         feats, ys = [], []
-        for batch in datamodule.eval_loader(split):
-            x = batch["image"].to(self.device)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        for x, y in self.eval_pass(split, "PAL-GCD associates the training rows"):
             feats.append(self.features(x)[1].float())
-            ys.append(batch["y"].to(self.device))
-        self.train(was_training)
+            ys.append(y.to(self.device))
         if not feats:
             return torch.zeros(0, self.encoder.dim, device=self.device), torch.zeros(
                 0, dtype=torch.long, device=self.device
@@ -877,7 +848,6 @@ class PALGCD(OWDFAMethod):
 
     # ------------------------------------------------------------------ training
     def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        b = batch.y.shape[0]
         f, f_mem = self.features(torch.cat(batch.views[:2]))
         rows = self.row_proxy[batch.index.to(self.row_proxy.device).repeat(2)]
         valid = rows >= 0
@@ -894,32 +864,17 @@ class PALGCD(OWDFAMethod):
                     self.memory, f_mem[valid], rows[valid], self.memory_momentum
                 )
         else:
-            lab = batch.labelled
-            proj = self.projector(f)
-            logits = self.logits(f)
-            l1, l2 = logits[:b], logits[b:]
-            t_teacher = teacher_temperature(
-                int(self.current_epoch) - self.stage1_epochs,
-                self.warmup_teacher_temp_epochs,
-                self.warmup_teacher_temp,
-                self.teacher_temp,
+            fwd = self.joint_forward(f, batch)
+            t_teacher = self.teacher_temp_at(int(self.current_epoch) - self.stage1_epochs)
+            terms = self.joint_terms(
+                fwd,
+                batch,
+                distill=self_distillation_loss(fwd.l1, fwd.l2, t_teacher, self.student_temp),
+                memax=self.memax_term(fwd.logits),
             )
-            terms = {
-                "cls": masked_cross_entropy(
-                    logits / self.student_temp, batch.y.repeat(2), lab.repeat(2)
-                ),
-                "distill": self_distillation_loss(l1, l2, t_teacher, self.student_temp),
-                "memax": mean_entropy_gap(F.softmax(logits / self.student_temp, dim=1)),
-                "infonce": info_nce_loss(proj[:b], proj[b:], self.infonce_temp),
-                "supcon": supcon_loss(proj[:b][lab], proj[b:][lab], batch.y[lab], self.supcon_temp),
-            }
-            lam = self.sup_weight
+            cluster = terms["distill"] + self.memax_weight * terms["memax"]
             loss = (
-                (1 - lam) * (terms["distill"] + self.memax_weight * terms["memax"])
-                + lam * terms["cls"]
-                + (1 - lam) * terms["infonce"]
-                + lam * terms["supcon"]
-                + self.stage2_memory_weight * mem_loss
+                joint_total(cluster, terms, self.sup_weight) + self.stage2_memory_weight * mem_loss
             )
             out.update({k: v.detach() for k, v in terms.items()})
             out["teacher_temp"] = torch.tensor(t_teacher)

@@ -65,23 +65,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from methods.common_losses import (
-    cosine_logits,
-    decay_groups,
-    info_nce_loss,
-    masked_cross_entropy,
-    mean_entropy_gap,
-    projection_mlp,
-    simgcd_head_rows,
-    supcon_loss,
-)
-from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, build_optimizer
-from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead, train_only
+from methods.common_losses import simgcd_head_rows
+from methods.simgcd_family import SimGCDFamily, joint_total
+from owdfa_bench.method import Problem, TrainBatch, detach_terms
+from owdfa_bench.models import train_only
 
 
 def dapl_ratio(
@@ -176,22 +168,14 @@ def protogcd_total(
     separation_weight: float = 0.1,
 ) -> torch.Tensor:
     """(1-lam)(dapl + w_ent ent + gamma sep) + lam cls + (1-lam) infonce + lam supcon."""
-    lam = sup_weight
     cluster = (
         terms["distill"] + entropy_weight * terms["entropy"] + separation_weight * terms["sep"]
     )
-    return (
-        (1 - lam) * cluster
-        + lam * terms["cls"]
-        + (1 - lam) * terms["infonce"]
-        + lam * terms["supcon"]
-    )
+    return joint_total(cluster, terms, sup_weight)
 
 
-class ProtoGCD(OWDFAMethod):
+class ProtoGCD(SimGCDFamily):
     """ProtoGCD on the shared runner (SimGCD + DAPL + prototype separation)."""
-
-    train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
 
     def __init__(
         self,
@@ -218,46 +202,27 @@ class ProtoGCD(OWDFAMethod):
         no_decay_on_bias_and_norm: bool = False,
         trainable: str | Sequence[str] = "all",
     ):
-        super().__init__(problem, optim)
-        self.sup_weight = float(sup_weight)
+        rows = simgcd_head_rows(problem, unknown_k_factor)
+        super().__init__(problem, optim, backbone, rows, (proj_hidden_dim, proj_dim, proj_layers))
+        self.set_joint_weights(
+            sup_weight, student_temp, infonce_temp, supcon_temp, no_decay_on_bias_and_norm
+        )
         self.entropy_weight, self.separation_weight = (
             float(entropy_weight),
             float(separation_weight),
         )
-        self.student_temp, self.teacher_temp = float(student_temp), float(teacher_temp)
-        self.separation_temp = float(separation_temp)
+        self.teacher_temp, self.separation_temp = float(teacher_temp), float(separation_temp)
         self.dapl_wait_epochs, self.dapl_ramp_epochs = int(dapl_wait_epochs), int(dapl_ramp_epochs)
         self.dapl_init_ratio, self.dapl_final_ratio = (
             float(dapl_init_ratio),
             float(dapl_final_ratio),
         )
         self.dapl_on_labelled = bool(dapl_on_labelled)
-        self.infonce_temp, self.supcon_temp = float(infonce_temp), float(supcon_temp)
-        self.no_decay_on_bias_and_norm = bool(no_decay_on_bias_and_norm)
-        self.encoder = GlobalFeatureEncoder(backbone)
-        self.projector = projection_mlp(self.encoder.dim, proj_hidden_dim, proj_dim, proj_layers)
-        rows = simgcd_head_rows(problem, unknown_k_factor)
-        self.head = PrototypeHead(self.encoder.dim, rows)
-        self.register_buffer("usage", torch.zeros(rows, dtype=torch.long), persistent=False)
+        self.track_usage(rows)
         self.trainable = train_only(self, trainable)
-
-    def prototypes(self) -> torch.Tensor:
-        return self.head.weight[: self.head.active]
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return cosine_logits(features, self.prototypes())
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(self.encoder(x)) / self.student_temp
-
-    def k_estimated(self) -> int | None:
-        if self.problem.k_mode == "known":
-            return None
-        used = int((self.usage > 0).sum())
-        return used if used > 0 else self.head.active  # before any training step: head size
-
-    def on_train_epoch_start(self) -> None:
-        self.usage.zero_()
 
     def current_ratio(self) -> float:
         return dapl_ratio(
@@ -269,40 +234,26 @@ class ProtoGCD(OWDFAMethod):
         )
 
     def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        b = batch.y.shape[0]
-        features = self.encoder(torch.cat(batch.views[:2]))
-        proj = self.projector(features)
-        logits = self.logits(features)
-        l1, l2 = logits[:b], logits[b:]
-        lab = batch.labelled
+        fwd = self.joint_forward(self.encoder(torch.cat(batch.views[:2])), batch)
         ratio = self.current_ratio()
         distill, hard_share = dapl_distillation_loss(
-            l1,
-            l2,
+            fwd.l1,
+            fwd.l2,
             ratio,
             self.teacher_temp,
             self.student_temp,
-            eligible=None if self.dapl_on_labelled else ~lab,
+            eligible=None if self.dapl_on_labelled else ~batch.labelled,
         )
-        terms = {
-            "cls": masked_cross_entropy(
-                logits / self.student_temp, batch.y.repeat(2), lab.repeat(2)
-            ),
-            "distill": distill,
-            "entropy": mean_entropy_gap(F.softmax(logits / self.student_temp, dim=1)),
-            "sep": prototype_separation_loss(self.prototypes(), self.separation_temp),
-            "infonce": info_nce_loss(proj[:b], proj[b:], self.infonce_temp),
-            "supcon": supcon_loss(proj[:b][lab], proj[b:][lab], batch.y[lab], self.supcon_temp),
-        }
+        terms = self.joint_terms(
+            fwd,
+            batch,
+            distill=distill,
+            entropy=self.memax_term(fwd.logits),
+            sep=prototype_separation_loss(self.prototypes(), self.separation_temp),
+        )
         loss = protogcd_total(terms, self.sup_weight, self.entropy_weight, self.separation_weight)
-        with torch.no_grad():
-            self.usage += torch.bincount(l1.argmax(1), minlength=self.usage.numel())
-        out = {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
+        self.count_usage(fwd.l1)
+        out = detach_terms({"loss": loss, **terms})
         out["dapl_ratio"] = torch.tensor(ratio)
         out["dapl_hard_share"] = hard_share.detach()
         return out
-
-    def configure_optimizers(self):
-        if not self.no_decay_on_bias_and_norm:
-            return super().configure_optimizers()
-        return build_optimizer(self.optim, decay_groups(self), self.problem.max_epochs)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.common_losses import masked_cross_entropy, open_world_head_rows, pairwise_bce
-from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch
+from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, detach_terms
 from owdfa_bench.models import GlobalFeatureEncoder
 
 
@@ -152,7 +152,7 @@ class RankStats(OWDFAMethod):
         self.head1 = nn.Linear(self.encoder.dim, num_classes)
         self.head2 = nn.Linear(self.encoder.dim, num_novel)
         widen_known_head(self.head1, problem.num_known)
-        self.register_buffer("usage", torch.zeros(num_classes, dtype=torch.long), persistent=False)
+        self.track_usage(num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.encoder(x))
@@ -160,17 +160,8 @@ class RankStats(OWDFAMethod):
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head1(self.features(x))
 
-    def k_estimated(self) -> int | None:
-        if self.problem.k_mode == "known":
-            return None
-        used = int((self.usage > 0).sum())
-        return used if used > 0 else self.head1.out_features
-
     def rampup_weight(self) -> float:
         return self.rampup_coefficient * sigmoid_rampup(self.current_epoch, self.rampup_length)
-
-    def on_train_epoch_start(self) -> None:
-        self.usage.zero_()
 
     def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         f1 = self.features(batch.views[0])
@@ -190,7 +181,7 @@ class RankStats(OWDFAMethod):
             self.increment_coefficient,
             self.topk,
         )
-        self.usage += torch.bincount(h1[0].detach().argmax(1), minlength=self.usage.numel())
-        out = {k: (v if k == "loss" else v.detach()) for k, v in out.items()}
+        self.count_usage(h1[0])
+        out = detach_terms(out)
         out["rampup_weight"] = torch.tensor(w)
         return out

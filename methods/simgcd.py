@@ -41,45 +41,24 @@ Deliberate deviations from the reference:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from methods.common_losses import (
-    cosine_logits,
-    decay_groups,
-    info_nce_loss,
-    masked_cross_entropy,
-    mean_entropy_gap,
-    projection_mlp,
-    self_distillation_loss,
-    simgcd_head_rows,
-    supcon_loss,
-    teacher_temperature,
-)
-from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, build_optimizer
-from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead
+from methods.common_losses import self_distillation_loss, simgcd_head_rows
+from methods.simgcd_family import SimGCDFamily, joint_total
+from owdfa_bench.method import Problem, TrainBatch, detach_terms
 
 
 def simgcd_total(
     terms: dict[str, torch.Tensor], sup_weight: float = 0.35, memax_weight: float = 1.0
 ) -> torch.Tensor:
     """(1-lam)(distill + eps memax) + lam cls + (1-lam) infonce + lam supcon."""
-    lam = sup_weight
-    cluster = terms["distill"] + memax_weight * terms["memax"]
-    return (
-        (1 - lam) * cluster
-        + lam * terms["cls"]
-        + (1 - lam) * terms["infonce"]
-        + lam * terms["supcon"]
-    )
+    return joint_total(terms["distill"] + memax_weight * terms["memax"], terms, sup_weight)
 
 
-class SimGCD(OWDFAMethod):
+class SimGCD(SimGCDFamily):
     """SimGCD (CVMI-Lab/SimGCD @ f843f27) on the shared runner."""
-
-    train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
 
     def __init__(
         self,
@@ -100,64 +79,30 @@ class SimGCD(OWDFAMethod):
         unknown_k_factor: float = 2.0,
         no_decay_on_bias_and_norm: bool = True,
     ):
-        super().__init__(problem, optim)
-        self.sup_weight, self.memax_weight = float(sup_weight), float(memax_weight)
-        self.student_temp, self.teacher_temp = float(student_temp), float(teacher_temp)
-        self.warmup_teacher_temp = float(warmup_teacher_temp)
-        self.warmup_teacher_temp_epochs = int(warmup_teacher_temp_epochs)
-        self.infonce_temp, self.supcon_temp = float(infonce_temp), float(supcon_temp)
-        self.no_decay_on_bias_and_norm = bool(no_decay_on_bias_and_norm)
-        self.encoder = GlobalFeatureEncoder(backbone)
-        self.projector = projection_mlp(self.encoder.dim, proj_hidden_dim, proj_dim, proj_layers)
-        self.head = PrototypeHead(self.encoder.dim, simgcd_head_rows(problem, unknown_k_factor))
-        self.register_buffer(
-            "usage", torch.zeros(self.head.active, dtype=torch.long), persistent=False
+        rows = simgcd_head_rows(problem, unknown_k_factor)
+        super().__init__(problem, optim, backbone, rows, (proj_hidden_dim, proj_dim, proj_layers))
+        self.set_joint_weights(
+            sup_weight, student_temp, infonce_temp, supcon_temp, no_decay_on_bias_and_norm
         )
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return cosine_logits(features, self.head.weight[: self.head.active])
+        self.set_self_distillation(
+            memax_weight, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_epochs
+        )
+        self.track_usage(self.head.active)
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(self.encoder(x))
 
-    def k_estimated(self) -> int | None:
-        if self.problem.k_mode == "known":
-            return None
-        used = int((self.usage > 0).sum())
-        return used if used > 0 else self.head.active  # before any training step: head size
-
-    def on_train_epoch_start(self) -> None:
-        self.usage.zero_()
-
     def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        b = batch.y.shape[0]
-        features = self.encoder(torch.cat(batch.views[:2]))
-        proj = self.projector(features)
-        logits = self.logits(features)
-        l1, l2 = logits[:b], logits[b:]
-        lab = batch.labelled
-        t_teacher = teacher_temperature(
-            self.current_epoch,
-            self.warmup_teacher_temp_epochs,
-            self.warmup_teacher_temp,
-            self.teacher_temp,
+        fwd = self.joint_forward(self.encoder(torch.cat(batch.views[:2])), batch)
+        t_teacher = self.teacher_temp_at(self.current_epoch)
+        terms = self.joint_terms(
+            fwd,
+            batch,
+            distill=self_distillation_loss(fwd.l1, fwd.l2, t_teacher, self.student_temp),
+            memax=self.memax_term(fwd.logits),
         )
-        terms = {
-            "cls": masked_cross_entropy(
-                logits / self.student_temp, batch.y.repeat(2), lab.repeat(2)
-            ),
-            "distill": self_distillation_loss(l1, l2, t_teacher, self.student_temp),
-            "memax": mean_entropy_gap(F.softmax(logits / self.student_temp, dim=1)),
-            "infonce": info_nce_loss(proj[:b], proj[b:], self.infonce_temp),
-            "supcon": supcon_loss(proj[:b][lab], proj[b:][lab], batch.y[lab], self.supcon_temp),
-        }
         loss = simgcd_total(terms, self.sup_weight, self.memax_weight)
-        self.usage += torch.bincount(l1.detach().argmax(1), minlength=self.usage.numel())
-        out = {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
+        self.count_usage(fwd.l1)
+        out = detach_terms({"loss": loss, **terms})
         out["teacher_temp"] = torch.tensor(t_teacher)
         return out
-
-    def configure_optimizers(self):
-        if not self.no_decay_on_bias_and_norm:
-            return super().configure_optimizers()
-        return build_optimizer(self.optim, decay_groups(self), self.problem.max_epochs)

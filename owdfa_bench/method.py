@@ -13,6 +13,7 @@ declares `uses_unlabelled_labels = True` (the oracle upper bound) receives them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -106,10 +107,16 @@ class OWDFAMethod(pl.LightningModule):
     def k_estimated(self) -> int | None:
         """Total number of classes the method ended with under k=unknown (None when known).
 
-        A method without its own estimate reports, under k=unknown, the number of distinct
-        classes it predicts on the test split.
+        A method that counts its outputs' usage (`track_usage`) reports the number of outputs
+        that were the argmax of a training row this epoch (its head size before any step). A
+        method without any estimate reports, under k=unknown, the number of distinct classes
+        it predicts on the test split.
         """
-        return None
+        usage = self._buffers.get("usage")
+        if usage is None or self.problem.k_mode == "known":
+            return None
+        used = int((usage > 0).sum())
+        return used if used > 0 else int(usage.numel())
 
     def confidence_thresholds(self) -> tuple[float, float]:
         """(known, novel) confidence above which the method trusts its own prediction of an
@@ -153,6 +160,44 @@ class OWDFAMethod(pl.LightningModule):
         return outputs.float().softmax(dim=1).max(dim=1).values.numpy()
 
     # ----------------------------------------------------------------- shared training
+    def track_usage(self, rows: int) -> None:
+        """Count, per epoch, how many training rows each of `rows` outputs is the argmax of
+        (`count_usage`), for `k_estimated`. Non-persistent: a checkpoint carries it as state of
+        the epoch (`carried_state_dict`), and `on_train_epoch_start` zeroes it."""
+        self.register_buffer("usage", torch.zeros(rows, dtype=torch.long), persistent=False)
+
+    @torch.no_grad()
+    def count_usage(self, logits: torch.Tensor) -> None:
+        """Add this batch's argmax outputs of `logits` [B, rows] to the usage counts."""
+        self.usage += torch.bincount(logits.detach().argmax(1), minlength=self.usage.numel())
+
+    def on_train_epoch_start(self) -> None:
+        usage = self._buffers.get("usage")
+        if usage is not None:  # the usage counts are per epoch
+            usage.zero_()
+
+    @torch.no_grad()
+    def eval_pass(self, split: str, needed_for: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) of a training split batch by batch (`datamodule.eval_loader`: test
+        transform), the images on the model's device, with the model in eval mode meanwhile.
+
+        `needed_for` names what the pass is for, in the error raised when the datamodule
+        cannot give one.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "eval_loader"):
+            raise RuntimeError(f"{needed_for}: the datamodule must provide eval_loader({split!r})")
+        was_training = self.training
+        self.eval()
+        try:
+            for batch in datamodule.eval_loader(split):
+                x = batch["image"].to(self.device)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x, batch["y"]
+        finally:
+            self.train(was_training)
+
     def make_train_batch(self, batch: dict[str, Any]) -> TrainBatch:
         labelled = batch["tag"] == LABELLED_TAG
         y_true = batch["y"].long()
@@ -304,6 +349,11 @@ class OWDFAMethod(pl.LightningModule):
         return build_optimizer(
             self.optim, [p for p in self.parameters() if p.requires_grad], self.problem.max_epochs
         )
+
+
+def detach_terms(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`losses` with every term but the total ("loss") detached: the others are only logged."""
+    return {k: (v if k == "loss" else v.detach()) for k, v in losses.items()}
 
 
 def _detached(value: Any) -> Any:
