@@ -241,6 +241,29 @@ def mean_or_zero(x: torch.Tensor) -> torch.Tensor:
     return x.detach().mean() if x.numel() else torch.zeros((), device=x.device)
 
 
+def pair_and_pseudo_losses(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    partners: torch.Tensor,
+    gumbel: torch.Tensor,
+    pseudo_mask: torch.Tensor | None,
+    margin: float = 0.2,
+    etas: tuple[float, float, float] = (0.5, 0.5, 1.0),
+    names: tuple[str, str] = ("glv", "csp"),
+) -> dict[str, torch.Tensor]:
+    """{"loss", "ce", pair name, pseudo name, "entropy"} of a labelled-first batch: the terms
+    CPL (GLV + CSP) and MPSL (MPV + FCP) share. `partners` is each row's pair partner and
+    `pseudo_mask` the unlabelled rows the pseudo-label term keeps (None: all)."""
+    num_labelled = targets.shape[0]
+    probs = torch.softmax(logits, dim=1)
+    ce = margin_cross_entropy(logits[:num_labelled], targets, margin)
+    pair = pairwise_bce((probs * probs[partners]).sum(dim=1))  # BCE(<p_i, p_partner(i)>, 1)
+    pseudo = soft_pseudo_label_loss(logits[num_labelled:], gumbel, pseudo_mask)
+    entropy = entropy_of_mean(probs)
+    total = cpl_total(ce, pair, pseudo, entropy, *etas)
+    return {"loss": total, "ce": ce, names[0]: pair, names[1]: pseudo, "entropy": entropy}
+
+
 def cpl_losses(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -257,22 +280,12 @@ def cpl_losses(
 
     `gumbel` is the Gumbel noise of the unlabelled rows [U, C].
     """
-    num_labelled = targets.shape[0]
-    probs = torch.softmax(logits, dim=1)
-    ce = margin_cross_entropy(logits[:num_labelled], targets, margin)
     partners, mask = glv_pairs(targets, f_g, f_p, generator)
-    glv = pairwise_bce((probs * probs[partners]).sum(dim=1))  # BCE(<p_i, p_partner(i)>, 1)
-    csp = soft_pseudo_label_loss(logits[num_labelled:], gumbel, mask)
-    entropy = entropy_of_mean(probs)
-    total = cpl_total(ce, glv, csp, entropy, eta_pair, eta_pseudo, eta_entropy)
-    return {
-        "loss": total,
-        "ce": ce,
-        "glv": glv,
-        "csp": csp,
-        "entropy": entropy,
-        "glv_pass_rate": mean_or_zero(mask),
-    }
+    out = pair_and_pseudo_losses(
+        logits, targets, partners, gumbel, mask, margin, (eta_pair, eta_pseudo, eta_entropy)
+    )
+    out["glv_pass_rate"] = mean_or_zero(mask)
+    return out
 
 
 # ----------------------------------------------------------------------------- the method

@@ -45,22 +45,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.common_losses import (
-    entropy_of_mean,
     labelled_partners,
-    margin_cross_entropy,
-    pairwise_bce,
 )
 from methods.cpl import (
     CPL,
     PartNecks,
-    cpl_total,
     global_neighbours,
     global_similarity,
     local_similarity,
     mean_or_zero,
+    pair_and_pseudo_losses,
     part_features,
     sample_gumbel,
-    soft_pseudo_label_loss,
     voting_pass,
 )
 from owdfa_bench.method import Problem, TrainBatch
@@ -159,23 +155,20 @@ def mpsl_losses(
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every MPSL term of a labelled-first batch (`targets` = labels of rows 0..L-1)."""
-    num_labelled = targets.shape[0]
-    probs = torch.softmax(logits, dim=1)
-    ce = margin_cross_entropy(logits[:num_labelled], targets, margin)
     partners, both, either = mpv_pairs(targets, f_g, bands, parts, generator)
-    mpv = pairwise_bce((probs * probs[partners]).sum(dim=1))  # BCE(<p_i, p_partner(i)>, 1)
-    fcp = soft_pseudo_label_loss(logits[num_labelled:], gumbel, mask=None)
-    entropy = entropy_of_mean(probs)
-    total = cpl_total(ce, mpv, fcp, entropy, eta_mpv, eta_fcp, eta_entropy)
-    return {
-        "loss": total,
-        "ce": ce,
-        "mpv": mpv,
-        "fcp": fcp,
-        "entropy": entropy,
-        "mpv_pass_rate": mean_or_zero(both),
-        "mpv_either_rate": mean_or_zero(either),
-    }
+    out = pair_and_pseudo_losses(
+        logits,
+        targets,
+        partners,
+        gumbel,
+        None,
+        margin,
+        (eta_mpv, eta_fcp, eta_entropy),
+        names=("mpv", "fcp"),
+    )
+    out["mpv_pass_rate"] = mean_or_zero(both)
+    out["mpv_either_rate"] = mean_or_zero(either)
+    return out
 
 
 # ----------------------------------------------------------------------------- the method
