@@ -16,6 +16,7 @@ import pytest
 import scipy.fft
 import torch
 from compare import differences
+from helpers import TINY_BACKBONE, np_log_softmax, np_softmax, t
 
 from methods.cal import (
     CAL,
@@ -40,22 +41,6 @@ from methods.cal import (
 )
 from owdfa_bench.evaluate import evaluate_checkpoint
 from owdfa_bench.method import Problem, TrainBatch
-
-BACKBONE = {"name": "resnet18", "pretrained": False}
-
-
-def np_log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-def np_softmax(z: np.ndarray) -> np.ndarray:
-    return np.exp(np_log_softmax(z))
-
-
-def t(a) -> torch.Tensor:
-    return torch.tensor(a, dtype=torch.float64)
-
 
 # ----------------------------------------------------------------------------- DCT
 
@@ -247,7 +232,7 @@ def test_prototype_usage_counts_softmax_argmax():
 
 def make_cal(k_mode: str = "known", **kwargs) -> CAL:
     problem = Problem(num_known=2, num_classes=4, k_mode=k_mode, max_epochs=4)
-    return CAL(problem, {"name": "adam"}, BACKBONE, **kwargs)
+    return CAL(problem, {"name": "adam"}, TINY_BACKBONE, **kwargs)
 
 
 def test_dpp_writes_back_merged_prototypes_and_zeroes_the_rest():

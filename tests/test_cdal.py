@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY_BACKBONE, np_log_softmax
 from test_cpl import assert_gradients_everywhere, make_batch  # shared CPL-family helpers
 from torchvision.transforms.v2.functional import gaussian_blur
 
@@ -28,14 +29,6 @@ from methods.cdal import (
     smoothed_features,
 )
 from owdfa_bench.method import Problem
-
-TINY_BACKBONE = {"name": "resnet18", "pretrained": False}
-
-
-def np_log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
 
 # ----------------------------------------------------------------------------- modules
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_BACKBONE, np_log_softmax, np_softmax, scalar_terms, t
 
 from methods.common_losses import (
     cosine_logits,
@@ -35,33 +36,9 @@ from methods.rankstats import (
 from methods.simgcd import simgcd_total
 from owdfa_bench.method import Problem
 
-TINY_BACKBONE = {"name": "resnet18", "pretrained": False}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests are small; one thread avoids contention on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def np_softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def np_log_softmax(z: np.ndarray) -> np.ndarray:
-    return np.log(np_softmax(z))
-
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def t(x) -> torch.Tensor:
-    return torch.tensor(np.asarray(x), dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------- shared terms
@@ -153,16 +130,7 @@ def test_mean_entropy_gap_is_log_c_minus_entropy():
 
 
 def test_simgcd_total_weights():
-    terms = {
-        k: torch.tensor(v)
-        for k, v in {
-            "distill": 1.0,
-            "memax": 2.0,
-            "cls": 3.0,
-            "infonce": 4.0,
-            "supcon": 5.0,
-        }.items()
-    }
+    terms = scalar_terms(distill=1.0, memax=2.0, cls=3.0, infonce=4.0, supcon=5.0)
     # (1-.35)(1 + 0.5*2) + .35*3 + (1-.35)*4 + .35*5
     expected = 0.65 * 2.0 + 1.05 + 2.6 + 1.75
     assert simgcd_total(terms, 0.35, 0.5).item() == pytest.approx(expected)

@@ -3,11 +3,19 @@ total, gradient flow, the original recipe, and smoke fits through the runner."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    SMALL_HEADS,
+    TINY_BACKBONE,
+    assert_complete_smoke_record,
+    assert_heads_get_gradients,
+    np_softmax,
+    scalar_terms,
+    t,
+    two_view_batch,
+)
 
 from methods.legogcd import (
     LegoGCD,
@@ -17,30 +25,10 @@ from methods.legogcd import (
     local_entropy_loss,
     update_class_prior,
 )
-from owdfa_bench.method import Problem, TrainBatch
-
-TINY_BACKBONE = {"name": "resnet18", "pretrained": False}
-SMALL_HEADS = {"proj_hidden_dim": 32, "proj_dim": 16}
+from owdfa_bench.method import Problem
 
 Z1 = np.array([[0.9, -0.2, 0.1, 0.4], [0.2, 0.8, -0.5, 0.0], [-0.3, 0.1, 0.7, 0.2]])
 Z2 = np.array([[0.5, 0.3, -0.1, 0.2], [0.1, 0.9, 0.0, -0.4], [0.2, -0.6, 0.4, 0.6]])
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def np_softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def t(x, grad: bool = False) -> torch.Tensor:
-    return torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=grad)
 
 
 # ----------------------------------------------------------------------------- DKL
@@ -123,31 +111,15 @@ def test_class_prior_update_by_hand():
 
 
 def test_legogcd_total_weights():
-    terms = {
-        k: torch.tensor(v)
-        for k, v in {
-            "distill": 1.0,
-            "dkl": 0.5,
-            "memax": 2.0,
-            "cls": 3.0,
-            "infonce": 4.0,
-            "supcon": 5.0,
-            "ler": 0.25,
-        }.items()
-    }
+    terms = scalar_terms(
+        distill=1.0, dkl=0.5, memax=2.0, cls=3.0, infonce=4.0, supcon=5.0, ler=0.25
+    )
     # (1-.35)(1 + .5 + 1*2) + .35*3 + .65*4 + .35*5 + 2*.25
     expected = 0.65 * 3.5 + 1.05 + 2.6 + 1.75 + 0.5
     assert legogcd_total(terms, 0.35, 1.0, 2.0).item() == pytest.approx(expected)
 
 
 # ----------------------------------------------------------------------------- model
-
-
-def two_view_batch(b: int = 8, size: int = 16) -> TrainBatch:
-    g = torch.Generator().manual_seed(0)
-    y = torch.tensor([0, 0, 1, 2, -1, -1, -1, -1])[:b]
-    views = [torch.randn(b, 3, size, size, generator=g) for _ in range(2)]
-    return TrainBatch(views=views, y=y, labelled=y >= 0, index=torch.arange(b))
 
 
 def test_head_size_and_k_estimate_per_k_mode():
@@ -172,11 +144,7 @@ def test_every_trainable_parameter_gets_a_finite_gradient_and_the_prior_moves_on
     assert all(torch.isfinite(v).all() for v in out.values())
     assert out["ler_selected"] > 0  # threshold 0: every unlabelled row predicted known counts
     out["loss"].backward()
-    params = dict(method.named_parameters())
-    assert not [n for n, p in params.items() if p.requires_grad and p.grad is None]
-    assert all(torch.isfinite(p.grad).all() for p in params.values() if p.grad is not None)
-    heads = [n for n in params if not n.startswith("encoder.") and params[n].requires_grad]
-    assert heads and all(params[n].grad.abs().sum() > 0 for n in heads)
+    assert_heads_get_gradients(method)
     assert not torch.equal(method.prior, prior_before)
     assert float(method.prior.sum()) == pytest.approx(1.0, abs=1e-6)
 
@@ -221,11 +189,4 @@ def test_smoke_fit_writes_a_complete_record(make_cfg, k):
     from owdfa_bench.runner import run
 
     record = run(make_cfg("method=legogcd", f"k={k}"))
-    assert record["status"] == "complete"
-    assert [h["epoch"] for h in record["history"]] == [0, 1]
-    assert all(v is None or math.isfinite(v) for v in record["metrics"].values())
-    if k == "unknown":
-        est = record["k_estimated"]
-        assert isinstance(est, int) and 1 <= est <= 2 * record["num_classes"]
-    else:
-        assert record["k_estimated"] is None
+    assert_complete_smoke_record(record, k, k_bound="num_classes")

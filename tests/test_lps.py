@@ -4,13 +4,12 @@ fits through the runner."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_BACKBONE, assert_complete_smoke_record, np_softmax, t
 
 from methods.lps import (
     LPS,
@@ -25,17 +24,6 @@ from methods.lps import (
     unselected_contrastive,
 )
 from owdfa_bench.method import Problem, TrainBatch
-
-TINY_BACKBONE = {"name": "resnet18", "pretrained": False}
-
-
-def np_softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def t(x) -> torch.Tensor:
-    return torch.tensor(np.asarray(x), dtype=torch.float64)
 
 
 # numpy transcriptions of the reference's functions (lps_imagenet.py, utils.py)
@@ -253,16 +241,7 @@ def test_smoke_fit_writes_a_complete_record(make_cfg, k_mode):
     from owdfa_bench.runner import run
 
     cfg = make_cfg("method=lps", f"k={k_mode}")
-    record = run(cfg)
-    on_disk = json.loads((Path(cfg.run_dir) / "results.json").read_text())
-    assert record["status"] == on_disk["status"] == "complete"
-    assert [h["epoch"] for h in record["history"]] == [0, 1]
-    assert all(math.isfinite(v) for v in record["metrics"].values() if v is not None)
-    k = record["k_estimated"]
-    if k_mode == "known":
-        assert k is None
-    else:
-        assert isinstance(k, int) and 1 <= k <= 2 * record["num_known"]
+    assert_complete_smoke_record(run(cfg), k_mode, cfg)
 
 
 def test_original_recipe_composes_and_freezes_all_but_layer4_and_the_head(make_cfg):

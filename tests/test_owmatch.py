@@ -3,12 +3,10 @@ EMA, gradient flow, the recipes, the third view, and smoke fits through the runn
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_BACKBONE, assert_complete_smoke_record, np_softmax, t
 from PIL import Image
 from torch import nn
 
@@ -31,17 +29,6 @@ from methods.owmatch import (
     update_group_tracker,
 )
 from owdfa_bench.method import Problem, TrainBatch
-
-TINY_BACKBONE = {"name": "resnet18", "pretrained": False}
-
-
-def np_softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def t(x) -> torch.Tensor:
-    return torch.tensor(np.asarray(x), dtype=torch.float64)
 
 
 def np_sinkhorn(z: np.ndarray, scale: float, eps: float, iters: int) -> np.ndarray:
@@ -376,21 +363,10 @@ def test_the_two_weak_views_are_independent_draws(tmp_path):
 
 @pytest.mark.parametrize("k_mode", ["known", "unknown"])
 def test_smoke_fit_writes_a_complete_record(make_cfg, k_mode):
-    import json
-
     from owdfa_bench.runner import run
 
     cfg = make_cfg("method=owmatch", f"k={k_mode}")
-    record = run(cfg)
-    on_disk = json.loads((Path(cfg.run_dir) / "results.json").read_text())
-    assert record["status"] == on_disk["status"] == "complete"
-    assert [h["epoch"] for h in record["history"]] == [0, 1]
-    assert all(math.isfinite(v) for v in record["metrics"].values() if v is not None)
-    k = record["k_estimated"]
-    if k_mode == "known":
-        assert k is None
-    else:
-        assert isinstance(k, int) and 1 <= k <= 2 * record["num_known"]
+    assert_complete_smoke_record(run(cfg), k_mode, cfg)
 
 
 def test_original_recipe_composes_with_sgd_ema_decay_and_the_whole_network(make_cfg):

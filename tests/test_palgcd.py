@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import SMALL_HEADS, TINY_BACKBONE, assert_heads_get_gradients, two_view_batch
 
 from methods.palgcd import (
     PALGCD,
@@ -27,18 +28,7 @@ from methods.palgcd import (
     two_stage_lr_factor,
     update_proxy_memory,
 )
-from owdfa_bench.method import Problem, TrainBatch
-
-TINY_BACKBONE = {"name": "resnet18", "pretrained": False}
-SMALL_HEADS = {"proj_hidden_dim": 32, "proj_dim": 16}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from owdfa_bench.method import Problem
 
 
 # ----------------------------------------------------------------------------- brute force
@@ -348,13 +338,6 @@ def test_cosine_factor_matches_torch_cosine_annealing():
 
 
 # ----------------------------------------------------------------------------- model
-def two_view_batch(b: int = 8, size: int = 16) -> TrainBatch:
-    g = torch.Generator().manual_seed(0)
-    y = torch.tensor([0, 0, 1, 2, -1, -1, -1, -1])[:b]
-    views = [torch.randn(b, 3, size, size, generator=g) for _ in range(2)]
-    return TrainBatch(views=views, y=y, labelled=y >= 0, index=torch.arange(b))
-
-
 def with_memory(method: PALGCD) -> PALGCD:
     g = torch.Generator().manual_seed(1)
     memory = torch.nn.functional.normalize(torch.randn(5, method.encoder.dim, generator=g), dim=1)
@@ -373,11 +356,7 @@ def test_stage_two_trains_every_parameter():
     assert all(torch.isfinite(v).all() for v in out.values())
     assert out["memory_rows"].item() == pytest.approx(12 / 16)
     out["loss"].backward()
-    params = dict(method.named_parameters())
-    assert not [n for n, p in params.items() if p.requires_grad and p.grad is None]
-    assert all(torch.isfinite(p.grad).all() for p in params.values() if p.grad is not None)
-    heads = [n for n in params if not n.startswith("encoder.") and params[n].requires_grad]
-    assert heads and all(params[n].grad.abs().sum() > 0 for n in heads)
+    assert_heads_get_gradients(method)
     assert torch.equal(method.memory, memory)  # stage 2: the memory is constant
 
 
