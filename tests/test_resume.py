@@ -321,7 +321,7 @@ def bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
             return (print, ("code ran",))
 
     files = {"random": tmp_path / "random.ckpt", "unsafe": tmp_path / "unsafe.ckpt"}
-    files["random"].write_bytes(os.urandom(4096))
+    files["random"].write_bytes(random.Random(1).randbytes(4096))
     torch.save({"state_dict": {}, "payload": Payload()}, files["unsafe"])
     return files
 

@@ -5,6 +5,7 @@ types them. The traceback goes to the run's train.log; HYDRA_FULL_ERROR=1 prints
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -128,7 +129,7 @@ def test_evaluate_refuses_a_random_and_an_unsafe_file_in_one_line(make_cfg, tmp_
             return (print, ("code ran",))
 
     random_file = tmp_path / "random.ckpt"
-    random_file.write_bytes(os.urandom(2048))
+    random_file.write_bytes(random.Random(0).randbytes(2048))
     unsafe = tmp_path / "unsafe.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": Payload()}, unsafe)
     message = evaluate_error(make_cfg, random_file, "method=lower_bound")
@@ -138,6 +139,19 @@ def test_evaluate_refuses_a_random_and_an_unsafe_file_in_one_line(make_cfg, tmp_
     assert "code ran" not in capsys.readouterr().out
     missing = evaluate_error(make_cfg, tmp_path / "missing.ckpt", "method=lower_bound")
     assert missing.endswith("missing.ckpt: no such file")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_any_bytes_that_are_no_checkpoint_are_one_line(seed, tmp_path):
+    """torch's weights-only unpickler fails on arbitrary bytes with many exception types."""
+    from owdfa_bench.checkpoints import read_checkpoint
+
+    path = tmp_path / "noise.ckpt"
+    generator = random.Random(seed)
+    path.write_bytes(generator.randbytes(generator.choice([1, 16, 600, 4096])))
+    with pytest.raises(CheckpointError, match="is not a readable torch checkpoint") as err:
+        read_checkpoint(path, "resuming: the checkpoint", "delete it")
+    assert "\n" not in str(err.value) and str(err.value).endswith("delete it")
 
 
 def test_evaluate_names_the_keys_and_the_method_of_a_mismatched_checkpoint(
