@@ -236,9 +236,11 @@ def test_a_forced_rerun_that_dies_leaves_the_previous_complete_record(make_cfg, 
     assert json.loads(results.read_text()) == json.loads(json.dumps(first))
     attempt = json.loads((Path(cfg.run_dir) / ATTEMPT_FILE).read_text())
     assert attempt["status"] == "failed" and "the rerun dies" in attempt["error"]
+    written = results.stat().st_mtime_ns
     assert run(cfg)["wall_s"] == first["wall_s"]  # a sweep still skips the complete cell
+    assert results.stat().st_mtime_ns == written
     rerun = run(make_cfg("method=lower_bound", "force=true"))
-    assert rerun["status"] == "complete" and rerun["wall_s"] != first["wall_s"]
+    assert rerun["status"] == "complete" and results.stat().st_mtime_ns != written
     assert json.loads(results.read_text())["wall_s"] == rerun["wall_s"]
     assert not (Path(cfg.run_dir) / ATTEMPT_FILE).exists()
 
