@@ -14,6 +14,11 @@ from owdfa_bench.weights import MissingWeightsError, cached_weights_path, fetch_
 def offline(monkeypatch, tmp_path):
     """No network and empty caches: the Hub must not be reachable from the test."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable when first imported: set what it read, so that no
+    # download is tried (it would wait for a network timeout)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("OWDFA_BENCH_CACHE", str(tmp_path / "cache"))
 
