@@ -194,6 +194,14 @@ def plot_confusion(record: dict[str, Any]) -> Figure:
     return fig
 
 
+def line_style(i: int) -> dict[str, Any]:
+    """Colour, marker and dash of the i-th line: 10 colours x 3 styles keep 30 cells apart (the
+    default cycle repeats after 10, and a sweep holds 15 methods)."""
+    styles = [("o", "-"), ("s", "--"), ("^", ":")]
+    marker, dash = styles[(i // 10) % len(styles)]
+    return {"color": f"C{i % 10}", "marker": marker, "linestyle": dash}
+
+
 def plot_diagnostics(curves: pd.DataFrame, synthetic: bool) -> Figure:
     """Per-epoch mechanism diagnostics, one line per cell (mean over its seeds).
 
@@ -229,14 +237,16 @@ def plot_diagnostics(curves: pd.DataFrame, synthetic: bool) -> Figure:
             if len(protocols) > 1:
                 label += f", {titles[str(cell['protocol'])]}"
             scale = 100.0 if name in ("conf_gap", "pseudo_noise") else 1.0
-            ax.plot(line["epoch"], scale * line["value"], marker="o", markersize=3, label=label)
+            ax.plot(
+                line["epoch"], scale * line["value"], label=label, markersize=3, **line_style(i)
+            )
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if name in ("conf_gap", "pseudo_noise"):
             ax.set_ylabel("%")
-    axes[-1].legend(fontsize=7, loc="best")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # off the lines
     suptitle = "Mechanism diagnostics per epoch, mean over seeds"
     if synthetic:
         suptitle += f" ({SYNTHETIC_NOTE})"
