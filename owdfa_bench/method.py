@@ -395,9 +395,16 @@ def optimizer_registry() -> DictConfig:
     """conf/optimizers.yaml: how the names of a `method.optim` block become torch objects."""
     from owdfa_bench.resources import conf_dir
 
+    return OmegaConf.load(conf_dir() / "optimizers.yaml")
+
+
+def register_product_resolver() -> None:
+    """`${owdfa.product:a,b}` of conf/optimizers.yaml (e.g. cosine's eta_min = lr x ratio).
+    Checked at every build, never cached: Hydra's joblib launcher resets each job's resolvers
+    to the launching process's, so a worker's second job would lose one registered in its first.
+    """
     if not OmegaConf.has_resolver("owdfa.product"):
         OmegaConf.register_new_resolver("owdfa.product", lambda a, b: float(a) * float(b))
-    return OmegaConf.load(conf_dir() / "optimizers.yaml")
 
 
 def build_optimizer(optim: dict[str, Any], params, max_epochs: int):
@@ -408,6 +415,7 @@ def build_optimizer(optim: dict[str, Any], params, max_epochs: int):
     """
     from hydra.utils import instantiate
 
+    register_product_resolver()
     registry = optimizer_registry()
     values = {**OmegaConf.to_container(registry.unset), **optim}
     scheduler = values["scheduler"] or "none"

@@ -60,3 +60,27 @@ def test_epoch_valued_hyper_parameters_follow_the_schedule(
     assert simgcd.method.model.warmup_teacher_temp_epochs == simgcd_warmup
     reference = compose_config(["data=owdfa40", "data.root=/nonexistent", "method=cal"])
     assert reference.method.model.pseudo_start_epoch == 5  # the reference's, at its 50 epochs
+
+
+def test_the_cosine_schedule_builds_after_hydra_resets_the_resolvers():
+    """Hydra's joblib launcher gives every job the launching process's resolvers
+    (hydra.core.singleton.Singleton.set_state): a worker's second job must still resolve
+    `${owdfa.product:...}` (a sweep of CAL then SimGCD once failed there)."""
+    import copy
+
+    import torch
+    from omegaconf.basecontainer import BaseContainer
+
+    from owdfa_bench.method import build_optimizer
+
+    launcher_state = copy.deepcopy(BaseContainer._resolvers)
+    launcher_state.pop("owdfa.product", None)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    cosine = {"name": "sgd", "lr": 0.1, "scheduler": "cosine", "eta_min_ratio": 1e-3}
+    build_optimizer(cosine, params, max_epochs=4)  # the worker's first job
+    try:
+        BaseContainer._resolvers = copy.deepcopy(launcher_state)  # what the next job starts with
+        built = build_optimizer(cosine, params, max_epochs=4)
+    finally:
+        BaseContainer._resolvers = launcher_state | BaseContainer._resolvers
+    assert built["lr_scheduler"]["scheduler"].eta_min == pytest.approx(1e-4)
