@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Two workers, each test file on one of them (module fixtures are built once): 5.6 min here
+# against 10.5 min in one process, on 2 idle cores.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	WANDB_MODE=offline $(BIN)/python -m pytest -q --durations=15
+	WANDB_MODE=offline $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-slow: $(STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest -q -m slow
