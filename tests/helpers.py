@@ -1,10 +1,11 @@
-"""Helpers the method tests share: the tiny backbone, numpy references of softmax, float64
-tensors, a two-view batch, and the checks of a smoke fit's record."""
+"""Helpers the tests share: the tiny backbone, numpy references of softmax, float64 tensors, a
+two-view batch, the checks of a smoke fit's record, and reading an offline W&B run log."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,15 @@ def assert_complete_smoke_record(
         assert k is None
     else:
         assert isinstance(k, int) and 1 <= k <= 2 * record[k_bound]
+
+
+def wandb_log_holding(log_file: Path, *needles: bytes, limit_s: float = 60.0) -> bytes:
+    """The bytes of an offline W&B run log once they hold every needle (or at `limit_s`):
+    wandb-core may still be writing the log just after `wandb.finish()` returns on a busy
+    machine."""
+    deadline = time.monotonic() + limit_s
+    raw = log_file.read_bytes()
+    while not all(n in raw for n in needles) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        raw = log_file.read_bytes()
+    return raw

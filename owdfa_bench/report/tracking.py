@@ -100,7 +100,9 @@ def log_report(
         name=f"aggregate-{sweep_name}",
         tags=["aggregate"],
         config=dict(config),
-        dir=None if os.environ.get("WANDB_DIR") else str(out_dir),
+        # explicit even when WANDB_DIR is set: W&B reads the variable once per process, so a
+        # run earlier in the process (a basic-launcher sweep) would otherwise choose the folder
+        dir=os.environ.get("WANDB_DIR") or str(out_dir),
         settings=wandb.Settings(console="off", silent=True),
     )
     try:
