@@ -22,7 +22,7 @@ from owdfa_bench.report.collect import load_records
 from owdfa_bench.report.main import AggregateCallback, cli_aggregate, write_report, write_tables
 from owdfa_bench.report.naming import METHOD_CONF_DIR, display_for
 from owdfa_bench.report.paper import PAPER_DIR
-from owdfa_bench.report.plots import family_order, plot_diagnostics, write_plots
+from owdfa_bench.report.plots import family_order, line_style, plot_diagnostics, write_plots
 from owdfa_bench.report.summarise import epoch_curves, summarise
 from owdfa_bench.report.validate import validate
 
@@ -647,3 +647,9 @@ def test_report_stages_import_one_way():
         assert imported <= set(order[:position]), (stage, imported - set(order[:position]))
     init = ast.parse((package / "__init__.py").read_text())
     assert not [n for n in ast.walk(init) if isinstance(n, ast.Import | ast.ImportFrom)]
+
+
+def test_every_cell_of_a_full_sweep_gets_its_own_line_style():
+    """15 methods plus unknown-K rows: the default colour cycle repeats after 10."""
+    styles = [tuple(sorted(line_style(i).items())) for i in range(30)]
+    assert len(set(styles)) == 30
