@@ -527,14 +527,25 @@ def test_diagnostics_table_and_old_records(tmp_path):
 
 def test_diagnostics_figure_draws_epoch_curves_and_the_k_curve(tmp_path):
     sweep = diagnostic_sweep(tmp_path / "sweep")
+    for seed in SEEDS:  # a K-known cell with diagnostics but no K curve
+        record = make_record("mpsl", "p1", "known", seed)
+        record["history"] = [
+            {"epoch": e, "metrics": {**record["metrics"], **diagnostic_metrics(e, seed)}}
+            for e in range(3)
+        ]
+        write_record(sweep, record)
     curves = epoch_curves(load_records(sweep))
     k = curves[curves["curve"] == "k_estimated"].sort_values("epoch")
     assert k["value"].tolist() == [30, 12, 6]  # CAL's k_curve, mean over 3 seeds
-    noise = curves[curves["curve"] == "pseudo_noise"].sort_values("epoch")
+    noise = curves[(curves["curve"] == "pseudo_noise") & (curves["method"] == "cal")]
+    noise = noise.sort_values("epoch")
     assert noise["value"].tolist() == pytest.approx([0.61, 0.51, 0.41])
     fig = plot_diagnostics(curves, synthetic=True)
     assert "synthetic" in fig._suptitle.get_text()
     assert [ax.get_title() for ax in fig.axes][3].startswith("K estimated")
+    # one legend names every cell, also MPSL, which has no K curve (the last panel's)
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert sorted(legend) == ["CAL (K unknown)", "MPSL"]
     written = {p.name for p in write_plots(sweep, tmp_path / "plots")}
     assert {"diagnostics.png", "diagnostics.pdf"} <= written
     assert "synthetic" not in plot_diagnostics(curves, synthetic=False)._suptitle.get_text()

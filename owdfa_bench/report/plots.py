@@ -246,7 +246,18 @@ def plot_diagnostics(curves: pd.DataFrame, synthetic: bool) -> Figure:
         ax.grid(alpha=0.3)
         if name in ("conf_gap", "pseudo_noise"):
             ax.set_ylabel("%")
-    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # off the lines
+    # One legend for the figure: the last panel (K estimated) holds only the K-unknown cells.
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(
+        handles.values(),
+        handles.keys(),
+        loc="outside right center",
+        fontsize=7,
+        ncols=1 + (len(handles) - 1) // 16,
+    )
     suptitle = "Mechanism diagnostics per epoch, mean over seeds"
     if synthetic:
         suptitle += f" ({SYNTHETIC_NOTE})"
