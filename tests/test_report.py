@@ -484,14 +484,19 @@ def diagnostic_metrics(epoch: int, seed: int, known_gap: bool = True) -> dict:
     return values
 
 
+def with_diagnostic_history(record: dict, seed: int) -> dict:
+    """`record` with 3 epochs of history carrying the per-epoch diagnostics."""
+    record["history"] = [
+        {"epoch": e, "metrics": {**record["metrics"], **diagnostic_metrics(e, seed)}}
+        for e in range(3)
+    ]
+    return record
+
+
 def diagnostic_sweep(root: Path) -> Path:
     """CAL K unknown with per-epoch diagnostics and a K curve over 3 epochs; CPL old-style."""
     for seed in SEEDS:
-        record = make_record("cal", "p1", "unknown", seed)
-        record["history"] = [
-            {"epoch": e, "metrics": {**record["metrics"], **diagnostic_metrics(e, seed)}}
-            for e in range(3)
-        ]
+        record = with_diagnostic_history(make_record("cal", "p1", "unknown", seed), seed)
         record["metrics"] = record["history"][-1]["metrics"]
         record["k_curve"] = [30, 12, 6]
         write_record(root, record)
@@ -528,12 +533,7 @@ def test_diagnostics_table_and_old_records(tmp_path):
 def test_diagnostics_figure_draws_epoch_curves_and_the_k_curve(tmp_path):
     sweep = diagnostic_sweep(tmp_path / "sweep")
     for seed in SEEDS:  # a K-known cell with diagnostics but no K curve
-        record = make_record("mpsl", "p1", "known", seed)
-        record["history"] = [
-            {"epoch": e, "metrics": {**record["metrics"], **diagnostic_metrics(e, seed)}}
-            for e in range(3)
-        ]
-        write_record(sweep, record)
+        write_record(sweep, with_diagnostic_history(make_record("mpsl", "p1", "known", seed), seed))
     curves = epoch_curves(load_records(sweep))
     k = curves[curves["curve"] == "k_estimated"].sort_values("epoch")
     assert k["value"].tolist() == [30, 12, 6]  # CAL's k_curve, mean over 3 seeds
