@@ -44,9 +44,11 @@ Deliberate deviations from the reference, and harness choices:
      dependency); it equals `scipy.fft.dctn(type=2)` / `idctn(type=2)` (tests) and is 5-12x
      faster than a `torch.fft` formulation on CPU (`benchmarks/dct.py`). The attention runs in
      float32 with autocast disabled, so mixed precision does not degrade the transform.
-  6. Under DDP the confidence statistics and prototype usage counts are summed over ranks before
-     the threshold update and pruning, so every rank prunes identically (the reference is
-     single-GPU). With one process nothing changes.
+  6. Under DDP every step's confidence statistics are summed over the ranks and the cached
+     weak logits are every rank's rows, so the threshold and the pruning are those of one
+     process seeing the global batch, identical on every rank (the reference is single-GPU).
+     Not equal to one process: batch-norm statistics and the marginal-entropy regulariser
+     L_reg are over each rank's share of the batch. With one process nothing changes.
   7. The weak logits are cached only when pruning is on (k=unknown); the reference also caches
      them under known K and throws them away, which changes no number.
 CAL's fixed dataset seed (`get_dataset` never forwards `--seed`, so the split is always built
@@ -67,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from owdfa_bench.distributed import gather_rows, sum_over_ranks, world_size
 from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, extract_state_dict
 from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead, custom_avg_pool2d
 
@@ -240,6 +243,12 @@ class ConfidenceStats:
             [self.sum_known, self.count_known, self.sum_novel, self.count_novel],
             dtype=torch.float64,
         )
+
+    def summed_over_ranks(self, device: torch.device | str = "cpu") -> ConfidenceStats:
+        """These statistics summed over the ranks of a DDP run (themselves in one process)."""
+        if world_size() == 1:
+            return self
+        return ConfidenceStats.from_tensor(sum_over_ranks(self.as_tensor().to(device)))
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> ConfidenceStats:
@@ -430,10 +439,10 @@ class CAL(OWDFAMethod):
         weak, strong = batch.views
         # two passes, as the reference: own dropout masks and own BN batch statistics per view
         z_w, z_s = self(weak), self(strong)
-        if self.prune:
-            self._weak_logits.append(z_w.detach())
+        if self.prune:  # every rank's rows (DDP), so every rank prunes the same prototypes
+            self._weak_logits.append(gather_rows(z_w.detach()))
         k_known = self.problem.num_known
-        self.conf_stats.add(confidence_statistics(z_w, z_s, k_known))
+        self.conf_stats.add(confidence_statistics(z_w, z_s, k_known).summed_over_ranks(z_w.device))
 
         l_cls = supervised_ce(z_w, z_s, batch.y, batch.labelled, self.student_temp)
         l_reg = marginal_entropy_regulariser([z_w, z_s], self.student_temp)
@@ -504,9 +513,8 @@ class CAL(OWDFAMethod):
             self.conf_stats = ConfidenceStats(**stats)
 
     def update_threshold(self) -> None:
-        """theta_novel from this epoch's (rank-summed) confidence statistics."""
-        stats = ConfidenceStats.from_tensor(self._sum_over_ranks(self.conf_stats.as_tensor()))
-        new = updated_novel_threshold(stats, self.gamma, float(self.novel_threshold))
+        """theta_novel from this epoch's confidence statistics (of every rank's rows)."""
+        new = updated_novel_threshold(self.conf_stats, self.gamma, float(self.novel_threshold))
         self.novel_threshold.fill_(new)
 
     @torch.no_grad()
@@ -517,7 +525,6 @@ class CAL(OWDFAMethod):
                 return
             active = self.head.active
             usage = prototype_usage(torch.cat(self._weak_logits), active)
-            usage = self._sum_over_ranks(usage)
             new = prune_prototypes(
                 self.head.weight[:active], usage, self.problem.num_known, self.coverage
             )
@@ -529,12 +536,6 @@ class CAL(OWDFAMethod):
             self._weak_logits.clear()
             if self.prune:
                 self.k_curve.append(self.head.active)
-
-    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
-        trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1:
-            return t
-        return trainer.strategy.reduce(t.to(self.device), reduce_op="sum").to(t.device)
 
 
 # ----------------------------------------------------------------------------- official checkpoints

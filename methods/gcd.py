@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.common_losses import cosine_logits, info_nce_loss, projection_mlp, supcon_loss
+from owdfa_bench.distributed import from_rank_zero, is_rank_zero
 from owdfa_bench.kmeans import assign_to_centres, estimate_k_brent, semi_supervised_kmeans
 from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, detach_terms
 from owdfa_bench.models import GlobalFeatureEncoder
@@ -232,11 +233,10 @@ class GCD(OWDFAMethod):
     @torch.no_grad()
     def split_features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised features and labels of a training split (eval transform, eval mode)."""
-        feats, ys = [], []
-        for x, y in self.eval_pass(split, "GCD clusters the training rows too"):
-            feats.append(self.predict_logits(x).float().cpu())
-            ys.append(y.cpu())
-        return torch.cat(feats), torch.cat(ys)
+        feats, ys = self.eval_rows(
+            split, "GCD clusters the training rows too", lambda x: self.predict_logits(x).float()
+        )
+        return feats.cpu(), ys.cpu()
 
     def full_clustering_due(self) -> bool:
         if self.centres is None or self._trainer is None:
@@ -254,12 +254,27 @@ class GCD(OWDFAMethod):
             return assign_to_centres(outputs, self.centres)
         labelled, labelled_y = self.split_features("labelled")
         unlabelled, _ = self.split_features("unlabelled")  # their labels are never used
-        self.last_clustering["features_s"] = round(time.perf_counter() - start, 3)
-        preds = self.cluster(labelled, labelled_y, unlabelled, outputs.float())
-        self.last_clustering["mode"] = "full"
-        self.last_clustering["total_s"] = round(time.perf_counter() - start, 3)
-        log.info("GCD full clustering (epoch %d): %s", self.current_epoch, self.last_clustering)
-        return preds
+        # DDP: every rank has every row's features; rank 0 clusters (GPU k-means kernels are
+        # not bitwise reproducible) and the others take its result
+        clustered = None
+        if is_rank_zero():
+            self.last_clustering["features_s"] = round(time.perf_counter() - start, 3)
+            preds = self.cluster(labelled, labelled_y, unlabelled, outputs.float())
+            self.last_clustering["mode"] = "full"
+            self.last_clustering["total_s"] = round(time.perf_counter() - start, 3)
+            log.info("GCD full clustering (epoch %d): %s", self.current_epoch, self.last_clustering)
+            clustered = {
+                "preds": preds,
+                "centres": self.centres.cpu(),
+                "k_used": self.k_used,
+                "k_search": dict(self.k_search),
+                "last_clustering": dict(self.last_clustering),
+            }
+        clustered = from_rank_zero(clustered)
+        self.centres = clustered["centres"].to(self.device)
+        self.k_used, self.k_search = clustered["k_used"], clustered["k_search"]
+        self.last_clustering = clustered["last_clustering"]
+        return clustered["preds"]
 
     def unlabelled_predictions(self, outputs: torch.Tensor) -> np.ndarray:
         """Diagnostics: the unlabelled rows' nearest centre of the clustering just computed for

@@ -71,6 +71,7 @@ import torch.nn.functional as F
 
 from methods.common_losses import self_distillation_loss, simgcd_head_rows
 from methods.simgcd_family import SimGCDFamily, joint_total
+from owdfa_bench.distributed import gather_rows
 from owdfa_bench.method import Problem, TrainBatch, detach_terms
 from owdfa_bench.models import train_only
 
@@ -232,8 +233,11 @@ class LegoGCD(SimGCDFamily):
             logits, selected, self.prior, self.ler_temp, self.ler_logit_adjust
         )
         loss = legogcd_total(terms, self.sup_weight, self.memax_weight, self.ler_weight)
-        with torch.no_grad():  # after the loss, once per step (`train.py`: `update_qhat`)
-            self.prior.copy_(update_class_prior(self.prior, logits, self.prior_momentum))
+        with torch.no_grad():  # after the loss, once per step (`train.py`: `update_qhat`),
+            # over every rank's rows (DDP)
+            self.prior.copy_(
+                update_class_prior(self.prior, gather_rows(logits.detach()), self.prior_momentum)
+            )
         self.count_usage(l1)
         out = detach_terms({"loss": loss, **terms})
         out["teacher_temp"] = torch.tensor(t_teacher)

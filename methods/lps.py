@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.common_losses import cosine_logits, entropy_of_mean, open_world_head_rows
+from owdfa_bench.distributed import sum_over_ranks, world_size
 from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, detach_terms
 from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead, train_only
 
@@ -101,7 +102,15 @@ def lps_pseudo_labels(
 
 
 def class_distribution(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """p = sum of the selected rows' probabilities, normalised; uniform when none is selected."""
+    """p = sum of the selected rows' probabilities, normalised; uniform when none is selected.
+    Under DDP, of every rank's selected rows: one distribution (the global batch's) on every
+    rank."""
+    if world_size() > 1:
+        sums = sum_over_ranks(probs[selected].sum(dim=0))
+        total = sums.sum()
+        if float(total) == 0.0:
+            return torch.full_like(sums, 1.0 / sums.numel())
+        return sums / total
     if not bool(selected.any()):
         c = probs.shape[1]
         return torch.full((c,), 1.0 / c, dtype=probs.dtype, device=probs.device)

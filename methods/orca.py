@@ -62,6 +62,7 @@ from methods.common_losses import (
     open_world_head_rows,
     pairwise_bce,
 )
+from owdfa_bench.distributed import sum_over_ranks
 from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, detach_terms
 from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead
 
@@ -165,11 +166,16 @@ class ORCA(OWDFAMethod):
             "ORCA's margin_source=unlabelled_pass (set method.model.margin_source="
             "previous_epoch otherwise)"
         )
-        total, count = 0.0, 0
-        for x, _ in self.eval_pass("unlabelled", needed_for):
-            conf = F.softmax(self.predict_logits(x).float(), dim=1).max(dim=1).values
-            total, count = total + float(conf.sum()), count + conf.numel()
-        return total / count if count else 1.0 - self.margin_cap
+        conf, _ = self.eval_rows(
+            "unlabelled",
+            needed_for,
+            lambda x: F.softmax(self.predict_logits(x).float(), dim=1).max(dim=1).values,
+        )
+        # summed batch by batch as the loader gives them (every row under DDP), the reference's
+        # order of additions
+        size = self.trainer.datamodule.eval_batch_size
+        total = sum(float(chunk.sum()) for chunk in conf.split(size))
+        return total / conf.numel() if conf.numel() else 1.0 - self.margin_cap
 
     def on_train_epoch_start(self) -> None:
         if self.margin_source == "unlabelled_pass":
@@ -185,10 +191,13 @@ class ORCA(OWDFAMethod):
         f2 = self.encoder(batch.views[1])
         l1, l2 = self.logits(f1), self.logits(f2)
         out = orca_losses(l1, l2, f1, batch.y, batch.labelled, self.margin, self.scale)
-        with torch.no_grad():
+        with torch.no_grad():  # every rank's unlabelled rows (DDP)
             conf = F.softmax(l1[~batch.labelled], dim=1).max(dim=1).values
-            self._conf_sum += float(conf.sum())
-            self._conf_count += conf.numel()
+            total, count = sum_over_ranks(
+                torch.tensor([float(conf.sum()), conf.numel()], dtype=torch.float64).to(l1.device)
+            ).tolist()
+            self._conf_sum += total
+            self._conf_count += int(count)
         self.count_usage(l1)
         out = detach_terms(out)
         out["margin"] = torch.tensor(self.margin)

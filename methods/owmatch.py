@@ -83,6 +83,7 @@ from torchvision.transforms.v2.functional import equalize
 
 from methods.common_losses import cosine_logits, masked_cross_entropy, open_world_head_rows
 from owdfa_bench.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from owdfa_bench.distributed import gather_rows, gather_rows_and_start
 from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch
 from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead, train_only
 
@@ -466,10 +467,15 @@ class OwMatch(OWDFAMethod):
 
     # ------------------------------------------------------------------ training
     def _codes(self, name: str, logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+        """Sinkhorn codes of this batch's rows, computed over the queue they were pushed on.
+        Under DDP every rank pushes every rank's rows (rank 0's first), so the queues stay
+        equal, and takes the codes of its own rows."""
         pinned = pin_labelled_logits(logits, batch.y, batch.labelled, self.hard_logit).float()
-        queue = push_queue(getattr(self, name), pinned, self.queue_len)
+        pushed, start = gather_rows_and_start(pinned.detach())
+        queue = push_queue(getattr(self, name), pushed, self.queue_len)
         setattr(self, name, queue)
-        return sinkhorn_codes(queue, self.scale, self.sk_epsilon, self.sk_iters)[-len(pinned) :]
+        codes = sinkhorn_codes(queue, self.scale, self.sk_epsilon, self.sk_iters)[-len(pushed) :]
+        return codes[start : start + len(pinned)]
 
     def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         x1, x2, xs = batch.views[:3]
@@ -486,8 +492,9 @@ class OwMatch(OWDFAMethod):
         thresholds = self.class_thresholds()
         conf_loss, mask = confidence_loss(zs.float(), p2, thresholds)
         k = self.thr_mu_seen.numel()
-        seen = p2.argmax(dim=1) < k
-        with torch.no_grad():
+        with torch.no_grad():  # the trackers see every rank's rows (DDP)
+            p2 = gather_rows(p2)
+            seen = p2.argmax(dim=1) < k
             tau_s, mu_s = update_group_tracker(
                 self.thr_tau[0], self.thr_mu_seen, p2, seen, slice(0, k), self.threshold_momentum
             )

@@ -104,6 +104,7 @@ import torch.nn.functional as F
 
 from methods.common_losses import decay_groups, self_distillation_loss
 from methods.simgcd_family import SimGCDFamily, joint_total
+from owdfa_bench.distributed import from_rank_zero, gather_rows, is_rank_zero
 from owdfa_bench.method import Problem, TrainBatch, build_optimizer
 from owdfa_bench.models import custom_avg_pool2d, train_only
 
@@ -812,25 +813,36 @@ class PALGCD(SimGCDFamily):
     def embed_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """f_mem and labels of a training split (test transform, eval mode; unlabelled labels
         are never read)."""
-        feats, ys = [], []
-        for x, y in self.eval_pass(split, "PAL-GCD associates the training rows"):
-            feats.append(self.features(x)[1].float())
-            ys.append(y.to(self.device))
-        if not feats:
-            return torch.zeros(0, self.encoder.dim, device=self.device), torch.zeros(
-                0, dtype=torch.long, device=self.device
-            )
-        return torch.cat(feats), torch.cat(ys).long()
+        feats, ys = self.eval_rows(
+            split, "PAL-GCD associates the training rows", lambda x: self.features(x)[1].float()
+        )
+        if feats.shape[0] == 0:
+            return torch.zeros(0, self.encoder.dim, device=self.device), ys.long()
+        return feats, ys.long()
 
-    def run_association(self, epoch: int) -> AssociationResult:
+    def run_association(self, epoch: int) -> AssociationResult | None:
+        """Associate the training rows and set the proxy memory. Under DDP every rank embeds
+        its share of the rows, rank 0 associates them all (its GPU kernels are not bitwise
+        reproducible) and every rank takes its memory; the result is returned on rank 0."""
         labelled, labelled_y = self.embed_split("labelled")
         unlabelled, _ = self.embed_split("unlabelled")
-        result = associate(
-            labelled, labelled_y, unlabelled, self.problem.num_known, seed=epoch, **self.assoc
+        result, memory = None, None
+        if is_rank_zero():
+            result = associate(
+                labelled, labelled_y, unlabelled, self.problem.num_known, seed=epoch, **self.assoc
+            )
+            log.info("PAL-GCD association (epoch %d): %s", epoch, result.stats)
+            memory = {
+                "proxies": result.proxies.cpu(),
+                "proxy_label": result.proxy_label.cpu(),
+                "row_proxy": result.row_proxy.cpu(),
+                "stats": result.stats,
+            }
+        memory = from_rank_zero(memory)
+        self.set_memory(memory["proxies"], memory["proxy_label"], memory["row_proxy"])
+        self.associations.append(
+            {"epoch": int(epoch), "stage": self.stage(epoch), **memory["stats"]}
         )
-        self.set_memory(result.proxies, result.proxy_label, result.row_proxy)
-        self.associations.append({"epoch": int(epoch), "stage": self.stage(epoch), **result.stats})
-        log.info("PAL-GCD association (epoch %d): %s", epoch, result.stats)
         return result
 
     def set_memory(self, proxies, proxy_label, row_proxy) -> None:
@@ -859,9 +871,12 @@ class PALGCD(SimGCDFamily):
         out: dict[str, torch.Tensor] = {"memory": mem_loss.detach()}
         if stage == 1:
             loss = mem_loss
-            if not self.memory_detach:
+            if not self.memory_detach:  # with every rank's rows (DDP): one memory everywhere
                 self.memory = update_proxy_memory(
-                    self.memory, f_mem[valid], rows[valid], self.memory_momentum
+                    self.memory,
+                    gather_rows(f_mem[valid]),
+                    gather_rows(rows[valid]),
+                    self.memory_momentum,
                 )
         else:
             fwd = self.joint_forward(f, batch)

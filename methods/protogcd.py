@@ -72,6 +72,7 @@ import torch.nn.functional as F
 
 from methods.common_losses import simgcd_head_rows
 from methods.simgcd_family import SimGCDFamily, joint_total
+from owdfa_bench.distributed import gather_rows_and_start, sum_over_ranks, world_size
 from owdfa_bench.method import Problem, TrainBatch, detach_terms
 from owdfa_bench.models import train_only
 
@@ -109,14 +110,21 @@ def dapl_targets(
     b = probs.shape[0]
     if eligible is None:
         eligible = torch.ones(b, dtype=torch.bool, device=probs.device)
-    n_hard = int(int(eligible.sum()) * ratio)
+    # DDP: the quota and the ranking are over every rank's rows (the global batch)
+    n_eligible = int(sum_over_ranks(eligible.sum().reshape(1))) if world_size() > 1 else None
+    n_hard = int((int(eligible.sum()) if n_eligible is None else n_eligible) * ratio)
     hard = torch.zeros(b, dtype=torch.bool, device=probs.device)
     if n_hard <= 0:
         return probs, hard
     top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
     second = top2[:, 1] if top2.shape[1] > 1 else torch.zeros_like(top2[:, 0])
     score = (top2[:, 0] / (second + 1e-6)).masked_fill(~eligible, float("-inf"))
-    hard[score.topk(n_hard).indices] = True
+    if n_eligible is None:
+        hard[score.topk(n_hard).indices] = True
+    else:
+        scores, start = gather_rows_and_start(score)
+        chosen = scores.topk(n_hard).indices - start
+        hard[chosen[(chosen >= 0) & (chosen < b)]] = True
     one_hot = F.one_hot(probs.argmax(dim=1), probs.shape[1]).to(probs.dtype)
     return torch.where(hard[:, None], one_hot, probs), hard
 

@@ -148,8 +148,16 @@ def report_user_error(err: BaseException, prog: str) -> int:
         raise err
     where = getattr(err, "log_file", None)
     hint = f" (traceback in {where})" if where else ""
-    print(f"{prog}: error: {one_line(err)}{hint}", file=sys.stderr)
+    rank = process_rank()
+    label = f"error (rank {rank})" if rank else "error"  # the other ranks of a DDP run
+    print(f"{prog}: {label}: {one_line(err)}{hint}", file=sys.stderr)
     return 1
+
+
+def process_rank() -> int:
+    """This process's rank in a multi-process run (0 alone, or before the run imported torch)."""
+    distributed = sys.modules.get("owdfa_bench.distributed")
+    return distributed.global_rank() if distributed is not None else 0
 
 
 def exit_on_user_error(command: Callable[[], T], prog: str = "owdfa-bench") -> T:

@@ -13,7 +13,7 @@ declares `uses_unlabelled_labels = True` (the oracle upper bound) receives them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from owdfa_bench.data.splits import LABELLED_TAG
 from owdfa_bench.diagnostics import confidence_skew, pseudo_label_noise
+from owdfa_bench.distributed import gather_rows, rows_in_order, sum_over_ranks, world_size
 from owdfa_bench.metrics import evaluate_predictions
 
 
@@ -168,8 +169,10 @@ class OWDFAMethod(pl.LightningModule):
 
     @torch.no_grad()
     def count_usage(self, logits: torch.Tensor) -> None:
-        """Add this batch's argmax outputs of `logits` [B, rows] to the usage counts."""
-        self.usage += torch.bincount(logits.detach().argmax(1), minlength=self.usage.numel())
+        """Add this batch's argmax outputs of `logits` [B, rows] to the usage counts (every
+        rank's rows under DDP, so all replicas count the same)."""
+        winners = gather_rows(logits.detach().argmax(1))
+        self.usage += torch.bincount(winners, minlength=self.usage.numel())
 
     def on_train_epoch_start(self) -> None:
         usage = self._buffers.get("usage")
@@ -177,9 +180,13 @@ class OWDFAMethod(pl.LightningModule):
             usage.zero_()
 
     @torch.no_grad()
-    def eval_pass(self, split: str, needed_for: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images, labels) of a training split batch by batch (`datamodule.eval_loader`: test
-        transform), the images on the model's device, with the model in eval mode meanwhile.
+    def eval_rows(
+        self, split: str, needed_for: str, fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`fn(images)` of every row of a training split in row order, and the rows' labels
+        (-1 for unlabelled rows), with the test transform and the model in eval mode meanwhile
+        (`datamodule.eval_loader`). Under DDP each rank computes its share of the rows and every
+        rank receives all of them, so state built from them is the same on every rank.
 
         `needed_for` names what the pass is for, in the error raised when the datamodule
         cannot give one.
@@ -189,14 +196,23 @@ class OWDFAMethod(pl.LightningModule):
             raise RuntimeError(f"{needed_for}: the datamodule must provide eval_loader({split!r})")
         was_training = self.training
         self.eval()
+        outputs, labels, index = [], [], []
         try:
-            for batch in datamodule.eval_loader(split):
+            for batch in datamodule.eval_loader(split, shard=True):
                 x = batch["image"].to(self.device)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                yield x, batch["y"]
+                outputs.append(fn(x))
+                labels.append(batch["y"].to(self.device))
+                index.append(batch["index"].to(self.device))
         finally:
             self.train(was_training)
+        if not outputs:
+            return torch.zeros(0, device=self.device), torch.zeros(
+                0, dtype=torch.long, device=self.device
+            )
+        _, out, y = rows_in_order(torch.cat(index), torch.cat(outputs), torch.cat(labels))
+        return out, y
 
     def make_train_batch(self, batch: dict[str, Any]) -> TrainBatch:
         labelled = batch["tag"] == LABELLED_TAG
@@ -216,11 +232,10 @@ class OWDFAMethod(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.training_losses(self.make_train_batch(batch))
         bs = len(batch["y"])
-        for name, value in losses.items():
-            value = value if torch.is_tensor(value) else torch.tensor(float(value))
+        for name, value in logged_terms(losses).items():
             self.log(
                 f"train/{name}",
-                value.detach().float(),
+                value,
                 batch_size=bs,
                 on_step=False,
                 on_epoch=True,
@@ -248,15 +263,9 @@ class OWDFAMethod(pl.LightningModule):
         over DDP ranks, one row per image."""
         outputs = torch.cat(self._eval_outputs[loader])
         targets = torch.cat(self._eval_targets[loader])
-        if self.trainer.world_size > 1:  # the distributed sampler pads with repeated rows
-            outputs = self.all_gather(outputs).flatten(0, 1)
-            targets = self.all_gather(targets).flatten(0, 1)
-            order = torch.argsort(targets[:, 1], stable=True)
-            outputs, targets = outputs[order], targets[order]
-            first = torch.ones(len(targets), dtype=torch.bool, device=targets.device)
-            first[1:] = targets[1:, 1] != targets[:-1, 1]
-            outputs, targets = outputs[first], targets[first]
-        return outputs.cpu(), targets[:, 0].cpu()
+        # the distributed sampler gives each rank every world-th row, repeating a few
+        _, outputs, labels = rows_in_order(targets[:, 1], outputs, targets[:, 0])
+        return outputs.cpu(), labels.cpu()
 
     def on_validation_epoch_end(self) -> None:
         if not self._eval_outputs or self.trainer.sanity_checking:
@@ -272,6 +281,7 @@ class OWDFAMethod(pl.LightningModule):
             for k, v in record["metrics"].items()
             if v is not None
         }
+        # computed from every rank's rows, so equal on every rank: nothing to reduce
         self.log_dict({k: float(v) for k, v in scalars.items()}, on_epoch=True)
 
     def evaluate_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
@@ -349,6 +359,24 @@ class OWDFAMethod(pl.LightningModule):
         return build_optimizer(
             self.optim, [p for p in self.parameters() if p.requires_grad], self.problem.max_epochs
         )
+
+
+def logged_terms(losses: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The loss terms of a step as logged: detached float scalars, under DDP their mean over
+    the ranks (one all-reduce), so every rank logs the global batch's values.
+
+    Not Lightning's `sync_dist`: that reduces when a metric is first read, and the progress bar
+    reads on rank 0 only, which would pair rank 0's reduction with another collective on the
+    other ranks."""
+    values = {
+        name: (v.detach().float().reshape(()) if torch.is_tensor(v) else torch.tensor(float(v)))
+        for name, v in losses.items()
+    }
+    if world_size() == 1:
+        return values
+    stacked = torch.stack([v.to(values["loss"].device) for v in values.values()])
+    mean = sum_over_ranks(stacked) / world_size()
+    return dict(zip(values, mean.unbind()))
 
 
 def detach_terms(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

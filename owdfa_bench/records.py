@@ -75,6 +75,8 @@ class RunRecord:
     git_commit: str | None = None
     versions: dict[str, str] | None = None
     device: str | None = None
+    # a multi-process run: world size, strategy, backend, and the per-epoch replica checks
+    distributed: dict[str, Any] | None = field(default=None, metadata=OMIT_WHEN_EMPTY)
     kind: str | None = field(default=None, metadata=OMIT_WHEN_EMPTY)  # None: a training run
     pretrained_start: dict[str, Any] | None = field(default=None, metadata=OMIT_WHEN_EMPTY)
     # the evaluation (complete runs)

@@ -45,6 +45,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from owdfa_bench.checkpoints import RESUME_KEY, START_OVER
+from owdfa_bench.distributed import all_ranks
 from owdfa_bench.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,13 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_states(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each rank's random state in a checkpoint's resume state (one dict: written by one
+    process before multi-process runs were recorded per rank)."""
+    rng = state["rng"]
+    return list(rng) if isinstance(rng, list) else [rng]
 
 
 def now_iso() -> str:
@@ -143,6 +151,8 @@ class ResumeCheckpoint(Checkpoint):
             trainer.save_checkpoint(self.path, weights_only=False)
         finally:
             self._saving = None
+        if not trainer.is_global_zero:
+            return
         log.info(
             "checkpoint %s: epoch %d, step %d%s",
             self.path.name,
@@ -160,7 +170,9 @@ class ResumeCheckpoint(Checkpoint):
             "at_epoch_end": done is None,
             "epoch": int(trainer.current_epoch) + (1 if done is None else 0),  # continues at
             "global_step": int(trainer.global_step),
-            "rng": capture_rng(),
+            # every rank's random state (each draws its own augmentations), rank 0's first;
+            # every rank writes its checkpoint dict, rank 0 the file
+            "rng": all_ranks(capture_rng()),
             "sampler": datamodule.sampler_state(done) if datamodule is not None else None,
             "wall_s": self.wall_s(),
             "resumed": list(self.resumed),
@@ -184,10 +196,18 @@ class ResumeCheckpoint(Checkpoint):
         datamodule = trainer.datamodule
         if state["sampler"] is not None and datamodule is not None:
             datamodule.resume_sampler(state["sampler"], at_epoch_boundary=state["at_epoch_end"])
+        ranks = rng_states(state)
+        if len(ranks) != trainer.world_size:
+            raise CheckpointError(
+                f"resuming: {self.path} was written by a run of {len(ranks)} processes, this run "
+                f"has {trainer.world_size}; relaunch it with the same trainer.devices and "
+                f"trainer.num_nodes, or {START_OVER}"
+            )
         self._restore = state
-        log.info("resuming at epoch %d, step %d", state["epoch"], state["global_step"])
+        if trainer.is_global_zero:
+            log.info("resuming at epoch %d, step %d", state["epoch"], state["global_step"])
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self._restore is not None:
-            restore_rng(self._restore["rng"])
+            restore_rng(rng_states(self._restore)[trainer.global_rank])
             self._restore = None

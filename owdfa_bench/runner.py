@@ -37,6 +37,13 @@ from owdfa_bench.checkpoints import CheckpointFiles
 from owdfa_bench.config import SELECTIONS, TrainerConfig, check_config
 from owdfa_bench.data.datamodule import OWDFADataModule, build_splits
 from owdfa_bench.data.splits import DataSplits
+from owdfa_bench.distributed import (
+    ReplicaCheck,
+    all_ranks,
+    describe_world,
+    is_rank_zero,
+    quiet_console_unless_rank_zero,
+)
 from owdfa_bench.errors import (
     ConfigValueError,
     RunFolderError,
@@ -59,6 +66,8 @@ log = logging.getLogger(__name__)
 # Lightning's start-up banners (accelerator listing, product tips) say nothing about the run.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch pytree notice via Lightning
+# DDP: logged values are already equal on every rank (owdfa_bench.method.logged_terms)
+warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
 # in the run folder, written by trainer.callbacks.last_checkpoint
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
@@ -234,9 +243,22 @@ def build_trainer(
         num_sanity_val_steps=0,  # a sanity pass would count as an evaluation of the method
         enable_model_summary=False,
         use_distributed_sampler=False,  # the datamodule shards its own samplers (DDP)
-        plugins=[CheckpointFiles()],  # weights-only reads, atomic writes, one-line errors
+        plugins=trainer_plugins(),
         **overrides,
     )
+
+
+def trainer_plugins() -> list:
+    """The checkpoint IO (weights-only reads, atomic writes, one-line errors) and, in a SLURM
+    job, SLURM's cluster environment with Lightning's auto-requeue off: the one requeue
+    mechanism is submitit's (conf/hydra/launcher/slurm.yaml), which relaunches the Hydra job,
+    and the job resumes from the run folder's checkpoint."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    plugins: list = [CheckpointFiles()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
 
 
 def select_evaluation(history: list[dict[str, Any]], selection: str, metric: str) -> dict[str, Any]:
@@ -281,10 +303,66 @@ def run_folder_writes(run_dir: Path) -> Iterator[None]:
         ) from err
 
 
+def resume_decision(run_dir: Path, cfg_hash: str, force: bool) -> tuple[str | None, bool]:
+    """(the checkpoint to resume from or None, whether the folder's checkpoint is stale): read
+    only, so that every rank of a run decides from the same files (rank 0 changes them later,
+    in `RunFolder.setup`). A checkpoint of another config is never resumed; force starts over."""
+    last = run_dir / CHECKPOINT
+    if not last.exists():
+        return None, False
+    latest = read_latest_attempt(run_dir)  # the attempt the checkpoint belongs to
+    stale = latest is not None and latest.config_hash not in (None, cfg_hash)
+    return (None if stale or force else str(last)), stale
+
+
+class RunFolder(pl.Callback):
+    """Prepares the run folder on global rank 0 once the Trainer's processes exist (its `setup`
+    runs after the process group is up, before a checkpoint is restored): the resolved
+    `config.yaml`, the running record (`device` names the world), and a stale checkpoint
+    removed. Every rank decided what to resume from the files as they were before any rank
+    changed them (`resume_decision`); the decisions are compared here, so ranks that see
+    different folders (a run folder not on a shared file system) stop before training."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, record: RunRecord, resume: str | None):
+        self.cfg, self.run_dir, self.record, self.resume = cfg, run_dir, record, resume
+        self.stale = False
+        self.prepared = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            world = describe_world(trainer)
+            self.record.device = f"{self.record.device} x {world['world_size']} processes " + (
+                f"({world['strategy']}, {world['backend']})"
+            )
+            self.record.distributed = world
+            decisions = all_ranks(self.resume)
+            if len(set(decisions)) > 1:
+                raise RunFolderError(
+                    f"the ranks of this run see different run folders at {self.run_dir} "
+                    f"(resume from: {decisions}); put output_root on a file system every node "
+                    "shares"
+                )
+        if trainer.is_global_zero:
+            self.write()
+
+    def write(self) -> None:
+        """The folder as a run starts: config, running record, no stale checkpoint."""
+        with run_folder_writes(self.run_dir):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            last = self.run_dir / CHECKPOINT
+            if self.stale and last.exists():
+                last.unlink()  # never resume from a checkpoint of a different config
+            OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+            write_run_record(self.run_dir, self.record)  # never over a complete record
+        self.prepared = True
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train and evaluate one cell; returns the results record as written to results.json."""
+    """Train and evaluate one cell; returns the results record as written to results.json
+    (on every rank of a multi-process run; only global rank 0 writes the run folder)."""
     cfg = apply_recipe(cfg)
     check_config(cfg)
+    quiet_console_unless_rank_zero()
     run_dir = run_dir_of(cfg)
     cfg_hash = config_hash(cfg)
     previous = read_record(run_dir)
@@ -295,25 +373,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cfg_hash,
         )
         return previous.to_dict()
-    last = run_dir / CHECKPOINT
-    latest = read_latest_attempt(run_dir)  # the attempt the checkpoint belongs to
-    if latest is not None and latest.config_hash not in (None, cfg_hash) and last.exists():
-        last.unlink()  # never resume from a checkpoint of a different config
+    resume, stale = resume_decision(run_dir, cfg_hash, bool(cfg.force))
     set_threads(cfg.trainer.threads)
     record = RunRecord.from_config(cfg, cfg_hash, device_name(cfg))  # threads set: device right
     started = time.perf_counter()
-    with run_folder_writes(run_dir):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        write_run_record(run_dir, record)  # never over a complete record (records.py)
-    resume = str(last) if last.exists() and not cfg.force else None
+    folder = RunFolder(cfg, run_dir, record, resume)
+    folder.stale = stale
     trained = Trained()
     try:
         with signals_interrupt():
-            train_cell(cfg, record, run_dir, started, resume, trained)
+            train_cell(cfg, record, run_dir, started, resume, trained, folder)
             complete_record(record, trained, cfg, started)
-            with run_folder_writes(run_dir):
-                write_run_record(run_dir, record)
+            if is_rank_zero():
+                with run_folder_writes(run_dir):
+                    write_run_record(run_dir, record)
         close_loggers(trained.loggers, summary=record.metrics, failed=False)
         return record.to_dict()
     except BaseException as err:
@@ -321,10 +394,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record.error = f"{type(err).__name__}: {one_line(err)}"
         record.traceback = traceback.format_exc(limit=20)
         record.resumed, record.wall_s = trained.resumed(), trained.wall_s(started)
-        try:
-            write_run_record(run_dir, record)
-        except OSError as write_error:  # a full or read-only folder: nothing more to write
-            log.error("could not record the failure in %s: %s", run_dir, write_error)
+        if is_rank_zero():  # the failure is recorded once
+            try:
+                if not folder.prepared:  # failed before the Trainer set up
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+                write_run_record(run_dir, record)
+            except OSError as write_error:  # a full or read-only folder: nothing more to write
+                log.error("could not record the failure in %s: %s", run_dir, write_error)
         close_loggers(trained.loggers, summary=None, failed=True)
         raise
 
@@ -337,6 +414,7 @@ class Trained:
     method: OWDFAMethod | None = None
     timing: Timing | None = None
     checkpoints: ResumeCheckpoint | None = None
+    replicas: ReplicaCheck | None = None
     loggers: list = field(default_factory=list)
 
     def resumed(self) -> list[dict[str, Any]]:
@@ -356,9 +434,11 @@ def train_cell(
     started: float,
     resume: str | None,
     trained: Trained,
+    folder: RunFolder,
 ) -> None:
     """Seed, build the data, the method, the loggers and the Trainer, and fit (from `resume`,
-    a checkpoint, when given); what it builds goes into `trained` as it goes."""
+    a checkpoint, when given); what it builds goes into `trained` as it goes. `folder` prepares
+    the run folder once the Trainer's processes exist."""
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     trained.splits = splits = build_splits(cfg.data, cfg.protocol)
     max_epochs = max_epochs_of(cfg)
@@ -373,15 +453,37 @@ def train_cell(
     datamodule = build_datamodule(cfg, splits, method)
     trained.loggers = build_loggers(cfg)
     trained.timing = Timing()
-    callbacks = [trained.timing, *build_callbacks(cfg.trainer)]
+    callbacks = [folder, trained.timing, *build_callbacks(cfg.trainer)]
     trained.checkpoints = next((c for c in callbacks if isinstance(c, ResumeCheckpoint)), None)
+    trained.replicas = next((c for c in callbacks if isinstance(c, ReplicaCheck)), None)
     if trained.checkpoints is not None:
         identity = {"config_hash": record.config_hash, "method": record.method, "k": record.k}
         trained.checkpoints.begin(identity, started)
     trainer = build_trainer(cfg.trainer, run_dir, max_epochs, trained.loggers, callbacks)
-    if resume:
+    if resume and is_rank_zero():
         log.info("resuming from %s", resume)
     trainer.fit(method, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    wait_for_launched_ranks(trainer)
+
+
+def wait_for_launched_ranks(trainer: pl.Trainer, timeout_s: float = 300.0) -> None:
+    """Rank 0 of processes Lightning launched itself (DDP on one machine) waits for the other
+    ranks to exit, so the run succeeds only when every rank exited 0. Ranks started by SLURM or
+    torchrun are their launcher's to watch."""
+    import subprocess
+
+    procs = getattr(trainer.strategy.launcher, "procs", None) or []
+    for local_rank, proc in enumerate(procs, start=1):
+        try:
+            status = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            status = None
+        if status != 0:
+            raise RuntimeError(
+                f"DDP rank {local_rank} (pid {proc.pid}) "
+                + ("did not exit" if status is None else f"exited with status {status}")
+                + f" after training; its log is in {trainer.default_root_dir}"
+            )
 
 
 def complete_record(record: RunRecord, trained: Trained, cfg: DictConfig, started: float) -> None:
@@ -410,3 +512,5 @@ def complete_record(record: RunRecord, trained: Trained, cfg: DictConfig, starte
     record.resumed = trained.resumed()
     record.wall_s = trained.wall_s(started)
     record.extras = method.record_extras()
+    if record.distributed is not None and trained.replicas is not None:
+        record.distributed["replica_checks"] = list(trained.replicas.checks)

@@ -418,9 +418,13 @@ class FakeDataModule:
             "unlabelled": torch.full((n_unl,), -1),
         }
 
-    def eval_loader(self, split: str):
+    def eval_loader(self, split: str, shard: bool = False):
         x, y = self.images[split], self.labels[split]
-        return [{"image": x[s : s + 8], "y": y[s : s + 8]} for s in range(0, len(x), 8)]
+        index = torch.arange(len(x))
+        return [
+            {"image": x[s : s + 8], "y": y[s : s + 8], "index": index[s : s + 8]}
+            for s in range(0, len(x), 8)
+        ]
 
 
 def test_epoch_hook_associates_and_resets_the_optimiser_at_stage_two():

@@ -192,27 +192,34 @@ class OWDFADataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def eval_loader(self, split: str = "test") -> DataLoader:
-        """Deterministic loader (test transform) over the labelled, unlabelled or test rows.
+    def eval_loader(self, split: str = "test", shard: bool = False) -> DataLoader:
+        """Deterministic loader (test transform) over the labelled, unlabelled or test rows;
+        with `shard` under DDP, this rank's share of them (`_rows_loader`).
 
         Unlabelled rows carry label -1 (hidden), as in training.
         """
         if split not in ("labelled", "unlabelled", "test"):
             raise KeyError(f"split must be labelled, unlabelled or test, got {split!r}")
         rows = self.hidden_unlabelled() if split == "unlabelled" else getattr(self.splits, split)
-        return self._rows_loader(rows)
+        return self._rows_loader(rows, shard=shard)
 
-    def _rows_loader(self, rows) -> DataLoader:
-        return self._loader(
-            EvalRows(rows, build_view("test", self.image_size)),
-            batch_size=self.eval_batch_size,
-            shuffle=False,
-        )
+    def _rows_loader(self, rows, shard: bool = False) -> DataLoader:
+        """Rows in order; with `shard` under DDP, each rank takes every world-th row (the
+        sampler repeats rows to even the shares; `OWDFAMethod.gather_eval` drops the repeats)."""
+        dataset = EvalRows(rows, build_view("test", self.image_size))
+        world, rank = self._world()
+        if shard and world > 1:
+            sampler = torch.utils.data.DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=False
+            )
+            return self._loader(dataset, batch_size=self.eval_batch_size, sampler=sampler)
+        return self._loader(dataset, batch_size=self.eval_batch_size, shuffle=False)
 
     def val_dataloader(self) -> list[DataLoader]:
         """The test split, then (diagnostics) the unlabelled training rows with their hidden
-        labels, which only the base class's diagnostics read (never a method)."""
-        loaders = [self.eval_loader("test")]
+        labels, which only the base class's diagnostics read (never a method). Under DDP each
+        rank evaluates its share of the rows."""
+        loaders = [self._rows_loader(self.splits.test, shard=True)]
         if self.diagnostics and self.splits.unlabelled:
-            loaders.append(self._rows_loader(self.splits.unlabelled))
+            loaders.append(self._rows_loader(self.splits.unlabelled, shard=True))
         return loaders
