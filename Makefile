@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # torch and torchvision pinned to the builds on this machine's disk so installs never download torch.
 TORCH   := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test test-slow demo lint format bench gpu-wheels gpu-check-cpu clean
+.PHONY: setup test test-cluster test-slow demo lint format bench gpu-wheels gpu-check-cpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,14 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	WANDB_MODE=offline $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+
+# Beyond one process: every method on 2 DDP ranks (gloo, CPU) and sweeps on a real one-node SLURM
+# cluster that the tests start and stop (tests/slurm/local_cluster.sh; its install step
+# apt-gets slurm-wlm, munge, slurmdbd and mariadb-server where absent, as root). One file at a
+# time: each test already runs two processes.
+test-cluster: $(STAMP)
+	bash tests/slurm/local_cluster.sh install
+	WANDB_MODE=offline $(BIN)/python -m pytest -q -m cluster --durations=10
 
 test-slow: $(STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest -q -m slow

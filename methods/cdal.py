@@ -42,6 +42,10 @@ Deliberate deviations from the reference:
     channels).
   * The reference imports a module its repository lacks (`owdfa.algorithm.ssl_CPL`) and does
     not list kornia; nothing of that applies here.
+
+Under DDP: as CPL (the sampler's draws are shared; GLV pairs, the entropy of the mean
+prediction and batch-norm statistics are over each rank's share); the counterfactual terms are
+per row.
 """
 
 from __future__ import annotations

@@ -51,6 +51,11 @@ Deliberate deviations from the reference:
   * Under `k=unknown` the reference has no rule (it always uses the oracle K). The head then
     has `k.estimate` rows if given, else `unknown_k_factor` x known rows (CAL's starting size);
     `k_estimated()` reports that head size, not a data-driven estimate.
+
+Under DDP (owdfa_bench/distributed.py): the sampler's draws are shared (every rank draws
+the same stream and keeps its pairs). Not equal to one process with the global batch: GLV's
+pairs and CSP's entropy of the mean prediction are over each rank's share of the batch, the
+labelled partner is drawn within it, and batch-norm statistics are the share's.
 """
 
 from __future__ import annotations

@@ -47,6 +47,11 @@ Deliberate deviations from the reference:
     script searches up to 1000) and uses our seeded k-means (`kmeans_estimate_n_init`
     restarts) instead of scikit-learn's `KMeans(random_state=0)`; see owdfa_bench/kmeans.py.
   * A batch without labelled rows (weighted sampler only) gets zero SupCon.
+
+Under DDP: every rank embeds its share of the training rows, rank 0 runs the (semi-supervised)
+k-means on all of them and every rank takes its centres and assignments. Not equal to one
+process with the global batch: InfoNCE's and SupCon's contrastive sets and batch-norm statistics
+are over each rank's share.
 """
 
 from __future__ import annotations

@@ -59,6 +59,10 @@ Deliberate deviations from the official code:
   * Options, off by default: `dkl_form: kl` and `dkl_detach_view2: true` (the paper's
     pseudo-code, which detaches view 2); `ler_weight: 1` is the paper's Table 6 value for
     CIFAR-100 (the single-GPU `train.py` hard-codes 2 for every dataset).
+
+Under DDP: the class prior q-hat is updated with every rank's rows at every step, and the
+usage counts too. Not equal to one process with the global batch: the me-max term, InfoNCE's
+and SupCon's contrastive sets and batch-norm statistics are over each rank's share.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ outputs and cross-entropy on the labelled set. Its predictions are known ids onl
 near the ceiling and Novel ACC comes from the separate Hungarian matching alone. Exact bound
 definitions are not given by the references (CPL's README prints the rows without defining them);
 this follows the reading that matches CPL's published P1 row (`docs/reference-behaviour.md`).
+
+Under DDP: every term is a per-row mean, so the averaged gradient is the global batch's
+(shares are equal); batch-norm statistics are each rank's share's.
 """
 
 from __future__ import annotations

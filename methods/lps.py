@@ -53,6 +53,11 @@ Deliberate deviations from the reference:
     exp(1/T) (the same value up to rounding of cos_ii = 1) and are computed with log-sum-exp.
   * Guards where the reference would give NaN: no labelled row -> zero labelled AM term; no
     unlabelled row -> zero unlabelled AM term; no selected row -> zero L_PC and p uniform (s = 0).
+
+Under DDP: the class distribution p behind the adaptive margins is over every rank's selected
+rows (the global batch's), and so are the usage counts. Not equal to one process: the PC and UC
+contrastive sets, the entropy of the mean prediction and batch-norm statistics are over each
+rank's share.
 """
 
 from __future__ import annotations

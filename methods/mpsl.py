@@ -33,6 +33,9 @@ Deliberate deviations from the reference:
     label-free pass rates (`mpv_pass_rate`, `mpv_either_rate`).
   * Part scales are `part_grids` (default 3, 5, 7 = the reference's `range(3, 8, 2)` for an
     8x8 map); a map smaller than a grid is resized to it first (see `methods/cpl.py`).
+
+Under DDP: as CPL (the sampler's draws are shared; the multi-part voting pairs, the
+entropy of the mean prediction and batch-norm statistics are over each rank's share).
 """
 
 from __future__ import annotations

@@ -43,6 +43,11 @@ Deliberate deviations from the reference:
     CPL), not NumPy's; the nearest neighbour excludes the row itself instead of taking the 2nd
     of the top-2 (they differ only when another row has exactly the same feature).
   * A batch without labelled rows (weighted sampler only) gets zero CE.
+
+Under DDP: the margin's mean confidence is over every rank's unlabelled rows (the eval pass
+is split between ranks and summed), and so are the usage counts. Not equal to one process with
+the global batch: the nearest-neighbour partners, the entropy of the mean prediction and
+batch-norm statistics are over each rank's share.
 """
 
 from __future__ import annotations

@@ -67,6 +67,12 @@ Deliberate deviations from the reference:
     -1 would make every threshold the 0.3 floor). The `--adjust-prior` flag is a no-op in the
     reference and has no counterpart here: the class marginal is uniform.
   * The logit queues are not saved in checkpoints: after a resume they refill from empty.
+
+Under DDP: the Sinkhorn queues receive every rank's rows (rank 0's first) at every step, so
+they are equal on every rank and each rank takes the codes of its own rows; the hierarchical
+threshold trackers and the usage counts are updated with every rank's rows. Not equal to one
+process with the global batch: batch-norm statistics (and so the EMA model's running
+statistics, copied from the student's) are over each rank's share.
 """
 
 from __future__ import annotations

@@ -87,6 +87,12 @@ Deliberate deviations from the official code:
     scaled to the same share).
   * Outliers are not assigned to their nearest proxy for a printed accuracy (the official code
     prints it and discards it).
+
+Under DDP: every rank embeds its share of the training rows; rank 0 associates them all and
+every rank takes its proxy memory; each step's memory update uses every rank's rows (rank 0's
+first, in batch order), so the memories stay equal. Not equal to one process with the global
+batch: stage 2's me-max, InfoNCE and SupCon sets and batch-norm statistics are over each
+rank's share.
 """
 
 from __future__ import annotations

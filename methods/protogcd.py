@@ -59,6 +59,10 @@ Deliberate deviations from the official code:
     prototype gets a zero separation term instead of the code's empty mean (NaN).
   * Option, off by default: `dapl_on_labelled: false` keeps labelled rows out of the hard-label
     quota (they keep their soft teacher; the quota is floor(B_u rho) of the unlabelled rows).
+
+Under DDP: the DAPL quota floor(B rho) and its ranking are over every rank's rows (the
+global batch's), and so are the usage counts. Not equal to one process: the entropy term,
+InfoNCE's and SupCon's contrastive sets and batch-norm statistics are over each rank's share.
 """
 
 from __future__ import annotations

@@ -43,6 +43,9 @@ Deliberate deviations from the reference:
   * Top-k index sets come from a stable sort, so ties (many exact zeros after the ReLU) are
     broken by index instead of in unspecified order.
   * A batch without labelled rows gets zero CE; one without unlabelled rows zero BCE and IL CE.
+
+Under DDP: not equal to one process with the global batch: the rank-statistics pairs and
+batch-norm statistics are over each rank's share of the batch.
 """
 
 from __future__ import annotations

@@ -37,6 +37,10 @@ Deliberate deviations from the reference:
     SupCon instead of NaN.
   * The teacher-temperature schedule indexes by epoch and holds its final value past the
     schedule's end, so a run longer than its configured epochs does not fail.
+
+Under DDP: the usage counts behind `k_estimated()` are over every rank's rows. Not equal
+to one process with the global batch: the me-max term, InfoNCE's and SupCon's contrastive sets
+and batch-norm statistics are over each rank's share of the batch.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ The same model as the lower bound with K outputs, trained with CE on labelled an
 rows, using the ground truth of the unlabelled ones (our reading of the "Upper Bound" row of CPL's
 README, which does not define it; `docs/reference-behaviour.md`). It always uses the true K, also
 under k=unknown.
+
+Under DDP: every term is a per-row mean, so the averaged gradient is the global batch's
+(shares are equal); batch-norm statistics are each rank's share's.
 """
 
 from __future__ import annotations

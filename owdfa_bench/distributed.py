@@ -19,13 +19,16 @@ What DDP cannot make equal to one process with the same global batch, and no hel
 changes: batch-norm statistics are computed over each rank's share of the batch (the running
 statistics are rank 0's: DDP broadcasts buffers before every forward), and any term defined
 over "the batch" (a contrastive set, a batch mean such as SimGCD's mean-entropy regulariser)
-is over the rank's share. Methods name theirs in their docstring.
+is over the rank's share, and a mean over a part of the batch whose size differs between ranks
+(the labelled rows under the weighted sampler) is each rank's mean, averaged with equal weights
+by DDP. Methods name theirs in their docstring.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -267,12 +270,24 @@ def describe_world(trainer: pl.Trainer) -> dict[str, Any]:
 
 
 def quiet_console_unless_rank_zero() -> None:
-    """On ranks other than 0, console log handlers show warnings and errors only: every rank
-    runs the same code, so its info lines would repeat rank 0's. Log files keep everything."""
-    if is_rank_zero():
+    """On ranks other than 0: console log handlers show warnings and errors only (every rank
+    runs the same code, so its info lines would repeat rank 0's), and a log file shared with
+    rank 0 (SLURM starts every rank as the same Hydra job, `train.log`) is left for
+    `train.rank<N>.log` beside it. Lightning's own launcher names its ranks' files apart."""
+    rank = global_rank()
+    if rank == 0:
         return
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(
-            handler, logging.FileHandler
-        ):
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            path = Path(handler.baseFilename)
+            if "ddp_process" in path.stem or ".rank" in path.stem:
+                continue
+            own = logging.FileHandler(path.with_name(f"{path.stem}.rank{rank}{path.suffix}"))
+            own.setFormatter(handler.formatter)
+            own.setLevel(handler.level)
+            root.removeHandler(handler)
+            handler.close()
+            root.addHandler(own)
+        elif isinstance(handler, logging.StreamHandler):
             handler.setLevel(max(handler.level, logging.WARNING))

@@ -460,10 +460,34 @@ def train_cell(
         identity = {"config_hash": record.config_hash, "method": record.method, "k": record.k}
         trained.checkpoints.begin(identity, started)
     trainer = build_trainer(cfg.trainer, run_dir, max_epochs, trained.loggers, callbacks)
+    refuse_relaunch_in_a_sweep(trainer)
     if resume and is_rank_zero():
         log.info("resuming from %s", resume)
     trainer.fit(method, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     wait_for_launched_ranks(trainer)
+
+
+def refuse_relaunch_in_a_sweep(trainer: pl.Trainer) -> None:
+    """Lightning starts the other ranks of a DDP run on one machine by running this process's
+    command again; in a multirun that command is the whole sweep. Such cells run one at a
+    time, or through a launcher that starts every rank itself (SLURM)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    relaunches = (
+        trainer.world_size > 1
+        and environment is not None
+        and not environment.creates_processes_externally
+    )
+    if relaunches and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigValueError(
+            f"trainer.devices={trainer.num_devices} in a multirun on one machine: Lightning "
+            "would start the other ranks by running the whole sweep again; run DDP cells one "
+            "at a time (python run.py ... trainer=ddp), or submit the sweep with "
+            "hydra/launcher=slurm hydra.launcher.tasks_per_node=<devices>, where SLURM starts "
+            "every rank"
+        )
 
 
 def wait_for_launched_ranks(trainer: pl.Trainer, timeout_s: float = 300.0) -> None:

@@ -151,3 +151,15 @@ def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_record(synth_root, t
     assert not differences(computed(whole_record), computed(resumed))
     epochs = lambda r: [c["epoch"] for c in r["distributed"]["replica_checks"]]  # noqa: E731
     assert epochs(resumed) == epochs(whole_record) == [0, 1, 2]
+
+
+def test_one_wandb_run_for_two_ranks(synth_root, tmp_path):
+    """W&B (offline): rank 0 alone creates the run; the other rank's logger is inert."""
+    out = tmp_path / "outputs"
+    args = [*ddp_overrides(synth_root, out, "method=lower_bound"), "logger=wandb"]
+    process = launch(args)
+    _, stderr = finish(process)
+    assert process.returncode == 0, stderr[-4000:]
+    (record,) = records_under(out)
+    runs = list(record.parent.glob("wandb/offline-run-*"))
+    assert len(runs) == 1, runs
