@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_cluster_"))
     synth_root = out / "synth"
-    state = out / "slurm"
+    state = out / "cluster_state"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     env["OWDFA_SLURM_PORT"] = str(18000 + 4 * (os.getpid() % 1000))
     results: dict[str, object] = {"cells": args.cells}
@@ -124,12 +124,14 @@ def main() -> None:
         )  # the data cache, once
         wall, cpu = timed(run_py("-m", *cell, *TINY, f"output_root={out / 'basic'}"), env)
         results["basic_sweep_s"], results["basic_sweep_cpu_s"] = round(wall, 1), round(cpu, 1)
-        wall, cpu = timed(run_py("-m", *SLURM, *cell, *TINY, f"output_root={out / 'slurm'}"), env)
+        wall, cpu = timed(
+            run_py("-m", *SLURM, *cell, *TINY, f"output_root={out / 'sweep_slurm'}"), env
+        )
         results["slurm_sweep_s"], results["slurm_sweep_cpu_s"] = round(wall, 1), round(cpu, 1)
         jobs = sacct_jobs(env)[-args.cells :]
         walls = [
             json.loads(p.read_text())["wall_s"]
-            for p in sorted((out / "slurm").rglob("results.json"))
+            for p in sorted((out / "sweep_slurm").rglob("results.json"))
         ]
         queued = [seconds(j["submit"], j["start"]) for j in jobs]
         elapsed = [seconds(j["start"], j["end"]) for j in jobs]

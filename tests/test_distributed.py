@@ -1,7 +1,8 @@
 """The helpers that keep DDP replicas equal (owdfa_bench/distributed.py), run for real on two
 gloo processes (torch.multiprocessing), and the methods' state updates built on them: two ranks
 that each see half of a batch end with the state one process computes from the whole batch
-(rank 0's rows first). Quick: no model is trained; `tests/test_ddp.py` trains every method."""
+(rank 0's rows first). No model is trained (`tests/test_ddp.py` trains every method); the
+multi-process tests are marked `cluster` (`make test-cluster`)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ def _gather_checks(rank: int) -> dict:
     }
 
 
+@pytest.mark.cluster
 def test_the_helpers_on_two_processes():
     r0, r1 = on_two_ranks(_gather_checks)
     expected = torch.cat([torch.arange(3.0), torch.arange(5.0) + 10]).unsqueeze(1)
@@ -148,6 +150,7 @@ def _method_states(rank: int) -> dict:
     }
 
 
+@pytest.mark.cluster
 def test_method_state_from_two_half_batches_equals_one_process():
     from methods.cal import confidence_statistics
     from methods.legogcd import update_class_prior
@@ -191,6 +194,7 @@ def _owmatch_codes(rank: int) -> dict:
     return {"queue": grown, "codes": codes}
 
 
+@pytest.mark.cluster
 def test_owmatch_queue_and_codes_from_two_half_batches_equal_one_process():
     from methods.owmatch import push_queue, sinkhorn_codes
 
@@ -205,6 +209,7 @@ def test_owmatch_queue_and_codes_from_two_half_batches_equal_one_process():
 
 
 # ----------------------------------------------------------------------------- the runner
+@pytest.mark.cluster
 def test_a_ddp_cell_in_a_local_multirun_is_refused_in_one_line(synth_root, tmp_path):
     """Lightning would start rank 1 by running the whole sweep again."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
