@@ -129,3 +129,20 @@ def test_selection_rules():
 def test_every_unknown_k_record_has_k_estimated(make_owdfa40_cfg):
     record = run(make_owdfa40_cfg("method=upper_bound", "k=unknown"))
     assert record["k_estimated"] == record["num_clusters"] >= 1
+
+
+def test_in_a_slurm_job_lightnings_auto_requeue_is_off(monkeypatch):
+    """One requeue mechanism: submitit's (conf/hydra/launcher/slurm.yaml). In a SLURM job the
+    Trainer gets SLURM's environment with auto_requeue off, so Lightning registers no USR1
+    handler that would requeue the job a second way."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from owdfa_bench.runner import trainer_plugins
+
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    assert not any(isinstance(p, SLURMEnvironment) for p in trainer_plugins())
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    (environment,) = [p for p in trainer_plugins() if isinstance(p, SLURMEnvironment)]
+    assert environment.auto_requeue is False

@@ -61,7 +61,7 @@ wait_for() {  # wait_for SECONDS WHAT COMMAND...
 
 write_configs() {
     local cpus mem_mb user
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc honours OMP_NUM_THREADS
     mem_mb=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
     user=$(id -un)
     mkdir -p "$DIR"/{log,state,spool,munge,run}
