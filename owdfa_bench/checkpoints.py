@@ -4,12 +4,20 @@ atomic writes whose failures name the run folder.
 Every checkpoint is read with `torch.load(weights_only=True)`, so no code in the file runs; a
 file that needs more (it pickles objects other than tensors and plain containers) is refused,
 and the message never suggests loading it unsafely. `CheckpointFiles` is the Trainer's
-checkpoint IO (`plugins=[CheckpointFiles()]`): resuming reads through it, and writes go to a
-temporary file renamed into place, so a checkpoint on disk is always whole.
+checkpoint IO (`plugins=[CheckpointFiles()]`): resuming reads through it, and writes go through
+`write_whole`: a temporary file in the checkpoint's own folder, flushed to disk (fsync), then
+renamed over the checkpoint, which is atomic on any POSIX file system (NFS and Lustre included)
+because both names are in one folder. `$TMPDIR` is never used (Lightning's own writer goes
+through it and, across file systems, copies into the live file). The previous checkpoint is
+kept as `<name>.prev.ckpt` (a hard link, no copy) until the next write, and a resume falls back
+to it when the checkpoint is unreadable or missing; temporaries a killed write left behind
+are removed when the run starts again (`stale_temporaries`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
 import re
 from pathlib import Path
@@ -24,6 +32,7 @@ from owdfa_bench.errors import CheckpointError, RunFolderError
 # torch's weights-only unpickler fed arbitrary bytes fails with almost any exception type
 # (IndexError, KeyError, struct.error, UnicodeDecodeError, ...): every one means unreadable
 UNREADABLE = Exception
+log = logging.getLogger(__name__)
 RESUME_KEY = "owdfa_resume"  # what owdfa_bench.resume.ResumeCheckpoint adds to a checkpoint
 START_OVER = "delete it to start the run over, or set force=true"
 
@@ -67,6 +76,69 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint", fix: str = "") -
     return checkpoint
 
 
+def previous_of(path: str | Path) -> Path:
+    """Where the checkpoint before `path` is kept: `last.ckpt` -> `last.prev.ckpt`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def stale_temporaries(path: str | Path) -> list[Path]:
+    """Temporaries of writes of `path` (and of its previous) that never completed."""
+    path = Path(path)
+    names = (path.name, previous_of(path).name)
+    return sorted(p for n in names for p in path.parent.glob(f".{n}.*.tmp"))
+
+
+def write_whole(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """Write `checkpoint` to `path` so that `path` is always a whole checkpoint: a temporary
+    in the same folder, fsynced, renamed over `path`; the checkpoint it replaces stays as
+    `previous_of(path)`. A failed write removes its temporary (a killed one leaves it for
+    `stale_temporaries`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            keep_previous(path)
+        os.replace(tmp, path)
+        sync_folder(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def keep_previous(path: Path) -> None:
+    """`path` also as `previous_of(path)`: a hard link, or (a file system without them) the
+    file itself moved there, so that a resume finds it while `path` is being replaced."""
+    previous = previous_of(path)
+    link = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+        os.replace(link, previous)
+    except OSError:
+        link.unlink(missing_ok=True)
+        os.replace(path, previous)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the file system lets a folder be fsynced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class CheckpointFiles(TorchCheckpointIO):
     """Lightning's checkpoint IO, reading weights-only with one-line errors and writing
     atomically with errors that name the run folder."""
@@ -74,7 +146,14 @@ class CheckpointFiles(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         # always weights-only, whatever the caller asks; the map location is the CPU (Lightning
         # moves the restored state to the model's device)
-        checkpoint = read_checkpoint(path, "resuming: the checkpoint", START_OVER)
+        try:
+            checkpoint = read_checkpoint(path, "resuming: the checkpoint", START_OVER)
+        except CheckpointError as err:
+            previous = previous_of(path)
+            if not previous.is_file():
+                raise
+            log.warning("%s; resuming from the one before it, %s", err, previous.name)
+            checkpoint = read_checkpoint(previous, "resuming: the previous checkpoint", START_OVER)
         if RESUME_KEY not in checkpoint:
             raise CheckpointError(
                 f"resuming: the checkpoint {path} holds no resume state (written by an older "
@@ -84,7 +163,7 @@ class CheckpointFiles(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         try:
-            super().save_checkpoint(checkpoint, path, storage_options)
+            write_whole(checkpoint, path)
         except OSError as err:
             raise RunFolderError(
                 f"cannot write the checkpoint {path}: {err.strerror or err}; make the run folder "

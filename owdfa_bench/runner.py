@@ -33,7 +33,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from owdfa_bench.checkpoints import CheckpointFiles
+from owdfa_bench.checkpoints import CheckpointFiles, previous_of, stale_temporaries
 from owdfa_bench.config import SELECTIONS, TrainerConfig, check_config
 from owdfa_bench.data.datamodule import OWDFADataModule, build_splits
 from owdfa_bench.data.splits import DataSplits
@@ -308,11 +308,14 @@ def resume_decision(run_dir: Path, cfg_hash: str, force: bool) -> tuple[str | No
     only, so that every rank of a run decides from the same files (rank 0 changes them later,
     in `RunFolder.setup`). A checkpoint of another config is never resumed; force starts over."""
     last = run_dir / CHECKPOINT
-    if not last.exists():
+    # a write killed between keeping the previous checkpoint and renaming the new one leaves
+    # only the previous (owdfa_bench/checkpoints.py)
+    found = next((p for p in (last, previous_of(last)) if p.exists()), None)
+    if found is None:
         return None, False
     latest = read_latest_attempt(run_dir)  # the attempt the checkpoint belongs to
     stale = latest is not None and latest.config_hash not in (None, cfg_hash)
-    return (None if stale or force else str(last)), stale
+    return (None if stale or force else str(found)), stale
 
 
 class RunFolder(pl.Callback):
@@ -350,8 +353,11 @@ class RunFolder(pl.Callback):
         with run_folder_writes(self.run_dir):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             last = self.run_dir / CHECKPOINT
-            if self.stale and last.exists():
-                last.unlink()  # never resume from a checkpoint of a different config
+            for leftover in stale_temporaries(last):  # of a write that was killed
+                leftover.unlink(missing_ok=True)
+            if self.stale:  # never resume from a checkpoint of a different config
+                last.unlink(missing_ok=True)
+                previous_of(last).unlink(missing_ok=True)
             OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
             write_run_record(self.run_dir, self.record)  # never over a complete record
         self.prepared = True
@@ -387,6 +393,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if is_rank_zero():
                 with run_folder_writes(run_dir):
                     write_run_record(run_dir, record)
+                    # complete: never resumed again, so the checkpoint before the last goes
+                    previous_of(run_dir / CHECKPOINT).unlink(missing_ok=True)
         close_loggers(trained.loggers, summary=record.metrics, failed=False)
         return record.to_dict()
     except BaseException as err:

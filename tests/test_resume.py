@@ -286,14 +286,14 @@ def test_a_read_only_run_folder_fails_in_one_line_before_training(make_cfg, monk
 def test_a_full_disk_at_the_checkpoint_or_the_record_never_leaves_a_complete_record(
     make_cfg, monkeypatch
 ):
-    from lightning.fabric.plugins.io import torch_io
+    from owdfa_bench import checkpoints
 
     def full(checkpoint, path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     cfg = make_cfg("method=lower_bound")
     with monkeypatch.context() as patch:
-        patch.setattr(torch_io, "_atomic_save", full)
+        patch.setattr(checkpoints, "write_whole", full)
         with pytest.raises(RunFolderError, match="No space left on device") as err:
             run(cfg)
     assert "\n" not in str(err.value) and "last.ckpt" in str(err.value)
@@ -346,3 +346,83 @@ def test_resuming_from_a_bad_checkpoint_is_one_line_and_never_unsafe(
     assert "code ran" not in capsys.readouterr().out
     assert ("force=true" in message) or kind != "no_resume_state"
     assert read_record(Path(cfg.run_dir)).status == "failed"
+
+
+# ----------------------------------------------------------------------------- atomic writes
+class KilledMidWrite(BaseException):
+    """What a kill during a checkpoint write leaves: a partly written file (raised, not
+    caught by `except Exception`, as an interrupt)."""
+
+
+def kill_during_save(monkeypatch, save_number: int) -> None:
+    """The `save_number`-th checkpoint write stops halfway through its bytes."""
+    from owdfa_bench import checkpoints
+
+    original, calls = torch.save, {"n": 0}
+
+    def torn(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] != save_number:
+            return original(obj, f, *args, **kwargs)
+        import io
+
+        buffer = io.BytesIO()
+        original(obj, buffer)
+        f.write(buffer.getvalue()[: buffer.tell() // 2])
+        raise KilledMidWrite
+
+    monkeypatch.setattr(checkpoints.torch, "save", torn)
+
+
+def test_a_write_killed_midway_leaves_the_checkpoint_whole_and_the_run_resumes(
+    make_cfg, monkeypatch, tmp_path
+):
+    """The write goes to a temporary beside the checkpoint and is renamed when whole, so a
+    kill during it leaves the last checkpoint as it was; the relaunch resumes from it (and
+    removes the temporaries a SIGKILL would have left) and ends with the uninterrupted run's
+    record. The previous checkpoint is kept, and a torn or missing last one falls back to it."""
+    from owdfa_bench.checkpoints import previous_of, stale_temporaries
+
+    base = ("method=lower_bound", *SCHEDULE)
+    whole = run(make_cfg(*base, f"output_root={tmp_path / 'whole'}"))
+    cfg = make_cfg(*base, f"output_root={tmp_path / 'killed'}")
+    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    with monkeypatch.context() as patch:
+        kill_during_save(patch, 5)  # the write after step 5
+        with pytest.raises(KilledMidWrite):
+            run(cfg)
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # whole, the one before
+    assert torch.load(previous_of(last), weights_only=True)["global_step"] == 3
+    leftover = last.with_name(".last.ckpt.99999.tmp")  # what a SIGKILL mid-write leaves
+    leftover.write_bytes(b"partial")
+    resumed = run(cfg)
+    assert_same_results(resumed, whole, "killed while writing the checkpoint after step 5")
+    assert resumed["resumed"][0]["from_step"] == 4
+    assert not stale_temporaries(last) and not previous_of(last).exists()  # complete: dropped
+
+    # a last checkpoint torn by something else (a copy across file systems, a disk fault)
+    cfg = make_cfg(*base, f"output_root={tmp_path / 'torn'}")
+    with monkeypatch.context() as patch:
+        crash_before_step(patch, 5, RuntimeError("simulated crash"))
+        with pytest.raises(RuntimeError):
+            run(cfg)
+    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    resumed = run(cfg)
+    assert_same_results(resumed, whole, "resumed from the previous checkpoint")
+    assert resumed["resumed"][0]["from_step"] == 4  # the previous one: step 5's was torn
+
+
+def test_checkpoints_never_go_through_tmpdir(make_cfg, monkeypatch):
+    """A cluster's $TMPDIR is node-local and small; Lightning's writer put every checkpoint
+    there first. Ours writes beside the checkpoint: with no usable temporary folder at all the
+    run completes."""
+    import tempfile
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "$TMPDIR")
+
+    for name in ("mkstemp", "mkdtemp", "NamedTemporaryFile", "TemporaryFile"):
+        monkeypatch.setattr(tempfile, name, no_space)
+    record = run(make_cfg("method=lower_bound", *SCHEDULE))
+    assert record["status"] == "complete"
