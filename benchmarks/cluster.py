@@ -32,19 +32,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "slurm" / "local_cluster.sh"
-TINY = [
-    "data=synth",
-    "data.image_size=32",
-    "data.pretrain=null",
-    "data.generator.real_per_folder=6",
-    "data.generator.fakes_per_class=5",
-    "data.budgets.real=8",
-    "data.budgets.real_per_folder=4",
-    "data.budgets.known=5",
-    "data.budgets.novel=4",
-    "method.batch_size=16",
-    "logger=none",
-]
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import TINY_SYNTH  # noqa: E402  the tests' tiny synthetic set
+
+TINY = ["data=synth", *TINY_SYNTH, "logger=none"]
 SLURM = [
     "hydra/launcher=slurm",
     "hydra.launcher.gpus_per_node=null",

@@ -254,18 +254,13 @@ class ReplicaCheck(Checkpoint):
 
 def describe_world(trainer: pl.Trainer) -> dict[str, Any]:
     """World size, strategy and backend of a Trainer's run, for the record."""
-    strategy = trainer.strategy
-    backend = None
-    if dist.is_available() and dist.is_initialized():
-        backend = str(dist.get_backend())
+    environment = getattr(trainer.strategy, "cluster_environment", None)
     return {
         "world_size": int(trainer.world_size),
         "num_nodes": int(trainer.num_nodes),
-        "strategy": type(strategy).__name__,
-        "backend": backend,
-        "cluster_environment": type(getattr(strategy, "cluster_environment", None)).__name__
-        if getattr(strategy, "cluster_environment", None) is not None
-        else None,
+        "strategy": type(trainer.strategy).__name__,
+        "backend": str(dist.get_backend()) if world_size() > 1 else None,
+        "cluster_environment": type(environment).__name__ if environment is not None else None,
     }
 
 

@@ -326,9 +326,11 @@ class RunFolder(pl.Callback):
     changed them (`resume_decision`); the decisions are compared here, so ranks that see
     different folders (a run folder not on a shared file system) stop before training."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, record: RunRecord, resume: str | None):
-        self.cfg, self.run_dir, self.record, self.resume = cfg, run_dir, record, resume
-        self.stale = False
+    def __init__(
+        self, cfg: DictConfig, run_dir: Path, record: RunRecord, resume: str | None, stale: bool
+    ):
+        self.cfg, self.run_dir, self.record = cfg, run_dir, record
+        self.resume, self.stale = resume, stale
         self.prepared = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -383,8 +385,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     set_threads(cfg.trainer.threads)
     record = RunRecord.from_config(cfg, cfg_hash, device_name(cfg))  # threads set: device right
     started = time.perf_counter()
-    folder = RunFolder(cfg, run_dir, record, resume)
-    folder.stale = stale
+    folder = RunFolder(cfg, run_dir, record, resume, stale)
     trained = Trained()
     try:
         with signals_interrupt():

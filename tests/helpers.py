@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,25 @@ from omegaconf import DictConfig
 
 from owdfa_bench.method import TrainBatch
 
+REPO = Path(__file__).resolve().parent.parent
 TINY_BACKBONE = {"name": "resnet18", "pretrained": False}
 SMALL_HEADS = {"proj_hidden_dim": 32, "proj_dim": 16}  # SimGCD-family projection MLP
+
+
+def run_py(args: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    """`python run.py ARGS` in the checkout as a user runs it: one thread, unbuffered, Hydra's
+    own error report off, stdout and stderr piped as text (`env`: default this process's)."""
+    env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen(
+        [sys.executable, "run.py", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def np_softmax(z: np.ndarray) -> np.ndarray:

@@ -17,13 +17,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from compare import differences
-from conftest import CONF, REPO, TINY_SYNTH
+from conftest import CONF, TINY_SYNTH
+from helpers import run_py
 
 pytestmark = pytest.mark.cluster
 
@@ -58,17 +58,7 @@ def ddp_overrides(synth_root: Path, output_root: Path, *extra: str) -> list[str]
 def launch(args: list[str]) -> subprocess.Popen:
     """`python run.py ARGS` in its own process group (a kill takes every rank, as a node
     failure or a scheduler's kill would)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen(
-        [sys.executable, "run.py", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    return run_py(args, {**os.environ, "WANDB_MODE": "offline"}, start_new_session=True)
 
 
 def finish(process: subprocess.Popen) -> tuple[str, str]:

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -104,6 +105,8 @@ def test_value_digest_tells_contents_apart():
     assert value_digest(torch.tensor(1.0)) != value_digest(torch.tensor(1.0, dtype=torch.float64))
     assert value_digest({"a": [1, 2.5], "b": None}) == value_digest({"b": None, "a": [1, 2.5]})
     assert value_digest({"a": [1, 2.5]}) != value_digest({"a": [1, 2.6]})
+    n = np.arange(4, dtype=np.int64)  # numpy arrays: by dtype, shape and bytes
+    assert value_digest(n) == value_digest(n.copy()) != value_digest(n.astype(np.int32))
 
 
 class _Trainer:
@@ -122,6 +125,19 @@ def test_replica_check_names_what_differs(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- methods' state
+def method_inputs() -> tuple[torch.Tensor, ...]:
+    """A global batch of 8 rows (each rank takes half): weak and strong logits, their softmax,
+    a selection, a proxy memory, features and their proxies."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 5, generator=g)
+    strong = torch.randn(8, 5, generator=g)
+    selected = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1], dtype=torch.bool)
+    memory = torch.nn.functional.normalize(torch.randn(3, 4, generator=g), dim=1)
+    feats = torch.randn(8, 4, generator=g)
+    rows = torch.tensor([0, 1, 2, 0, 0, 1, 2, 2])
+    return logits, strong, logits.softmax(1), selected, memory, feats, rows
+
+
 def _method_states(rank: int) -> dict:
     from methods.cal import confidence_statistics
     from methods.legogcd import update_class_prior
@@ -129,14 +145,7 @@ def _method_states(rank: int) -> dict:
     from methods.palgcd import update_proxy_memory
     from methods.protogcd import dapl_targets
 
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(8, 5, generator=g)  # the global batch; each rank takes half
-    strong = torch.randn(8, 5, generator=g)
-    probs = logits.softmax(1)
-    selected = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1], dtype=torch.bool)
-    memory = torch.nn.functional.normalize(torch.randn(3, 4, generator=g), dim=1)
-    feats = torch.randn(8, 4, generator=g)
-    rows = torch.tensor([0, 1, 2, 0, 0, 1, 2, 2])
+    logits, strong, probs, selected, memory, feats, rows = method_inputs()
     mine = lambda t: halves(t, rank)  # noqa: E731
     _, hard = dapl_targets(mine(probs), 0.5)
     return {
@@ -157,14 +166,7 @@ def test_method_state_from_two_half_batches_equals_one_process():
     from methods.palgcd import update_proxy_memory
     from methods.protogcd import dapl_targets
 
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(8, 5, generator=g)
-    strong = torch.randn(8, 5, generator=g)
-    probs = logits.softmax(1)
-    selected = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1], dtype=torch.bool)
-    memory = torch.nn.functional.normalize(torch.randn(3, 4, generator=g), dim=1)
-    feats = torch.randn(8, 4, generator=g)
-    rows = torch.tensor([0, 1, 2, 0, 0, 1, 2, 2])
+    logits, strong, probs, selected, memory, feats, rows = method_inputs()
     one = {
         "cal": confidence_statistics(logits, strong, 2),
         "prior": update_class_prior(torch.full((5,), 0.2), logits, 0.9),

@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 from compare import differences
 from conftest import REPO, TINY_SYNTH
+from helpers import run_py
 
 from owdfa_bench.errors import CheckpointError, RunFolderError
 from owdfa_bench.method import OWDFAMethod
@@ -58,20 +58,6 @@ def crash_before_step(monkeypatch, step: int, error: BaseException) -> None:
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(OWDFAMethod, "training_step", step_or_stop)
-
-
-def run_py(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen(
-        [sys.executable, "run.py", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
 
 
 def overrides_of(synth_root: Path, output_root: Path, *extra: str) -> list[str]:

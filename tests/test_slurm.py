@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from compare import differences
 from conftest import REPO, TINY_SYNTH
+from helpers import run_py
 
 pytestmark = pytest.mark.cluster
 
@@ -75,19 +75,6 @@ def overrides(synth_root: Path, output_root: Path, *extra: str) -> list[str]:
         *TINY_SYNTH,
         *extra,
     ]
-
-
-def launch(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    env = {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen(
-        [sys.executable, "run.py", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def finish(process: subprocess.Popen, limit_s: float, env: dict[str, str]) -> str:
@@ -145,7 +132,7 @@ def test_a_sweep_runs_as_a_job_array_and_is_aggregated(slurm, synth_root, tmp_pa
         "trainer=smoke",
     ]
     started = time.monotonic()
-    log = finish(launch(["-m", *overrides(synth_root, out, *args)], slurm), 600, slurm)
+    log = finish(run_py(["-m", *overrides(synth_root, out, *args)], slurm), 600, slurm)
     wall_s = time.monotonic() - started
     done = records(out)
     assert len(done) == 4 and {r["status"] for r in done} == {"complete"}
@@ -173,7 +160,7 @@ def test_a_ddp_cell_runs_as_one_job_of_two_tasks(slurm, synth_root, tmp_path):
         "trainer.limit_train_batches=3",
         "trainer.progress_bar=false",
     ]
-    finish(launch(["-m", *overrides(synth_root, out, *args)], slurm), 600, slurm)
+    finish(run_py(["-m", *overrides(synth_root, out, *args)], slurm), 600, slurm)
     (record,) = records(out)
     assert record["status"] == "complete"
     # both tasks exited 0 (srun fails the step, and the job, when a task does not)
@@ -193,7 +180,7 @@ def test_a_ddp_cell_runs_as_one_job_of_two_tasks(slurm, synth_root, tmp_path):
 def uninterrupted(synth_root, tmp_path_factory, slurm) -> subprocess.Popen:
     """The long run, uninterrupted, on this machine (started once, in the background)."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    process = launch(overrides(synth_root, out, *LONG_RUN), slurm)
+    process = run_py(overrides(synth_root, out, *LONG_RUN), slurm)
     process.output_root = out
     yield process
     if process.poll() is None:
@@ -209,7 +196,7 @@ def uninterrupted_record(process: subprocess.Popen) -> dict:
 
 def test_a_job_requeued_by_the_scheduler_resumes(slurm, synth_root, tmp_path, uninterrupted):
     out = tmp_path / "requeued"
-    sweep = launch(["-m", *overrides(synth_root, out, *LOCAL_RESOURCES, *LONG_RUN)], slurm)
+    sweep = run_py(["-m", *overrides(synth_root, out, *LOCAL_RESOURCES, *LONG_RUN)], slurm)
     job = wait_for(lambda: only_job(slurm), 120, "the job to be queued")
     log = out / "single" / "cal" / "p1" / "k-known" / "seed-5" / "train.log"
     wait_for(
@@ -241,7 +228,7 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes(
         "hydra.launcher.max_num_timeout=1",
     )
     args = overrides(synth_root, out, *LOCAL_RESOURCES, *LONG_RUN, *limits)
-    sweep = launch(["-m", *args], slurm)
+    sweep = run_py(["-m", *args], slurm)
     job = wait_for(lambda: only_job(slurm), 120, "the job to be queued")
     wait_for(lambda: "REQUEUED" in runs_of(slurm, job), 240, "submitit to requeue the job")
     subprocess.run(
