@@ -21,7 +21,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -99,7 +99,13 @@ def write_whole(checkpoint: dict[str, Any], path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+            writer = RecordingWriter(f)
+            try:
+                torch.save(checkpoint, writer)
+            except RuntimeError as err:  # torch's own message for a failed write ("unexpected pos")
+                if writer.error is None:
+                    raise
+                raise writer.error from err  # the OSError (a full disk): the user's to fix
             f.flush()
             os.fsync(f.fileno())
         if path.exists():
@@ -109,6 +115,24 @@ def write_whole(checkpoint: dict[str, Any], path: str | Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class RecordingWriter:
+    """A binary file for `torch.save` that keeps the OSError of a failed write: torch reports
+    one (ENOSPC, EDQUOT, EIO) as a RuntimeError that does not say what went wrong."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def keep_previous(path: Path) -> None:

@@ -17,12 +17,13 @@ source reading its rows, a method checking its hyper-parameters) converts them w
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 from hydra.errors import CompactHydraException
@@ -128,12 +129,47 @@ def log_traceback_to_files(err: BaseException, logger: logging.Logger | None = N
         args=(type(err).__name__, one_line(err)),
         exc_info=(type(err), err, err.__traceback__),
     )
+    root = logging.getLogger()
     files = []
-    for handler in logging.getLogger().handlers:
+    for handler in list(root.handlers):
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
-            files.append(handler.baseFilename)
+            if handler in root.handlers:  # still there: not dropped as unwritable
+                files.append(handler.baseFilename)
     return files
+
+
+# log files dropped by `drop_unwritable_log_files`, named once by the process's last line
+UNWRITABLE_LOGS: list[str] = []
+
+
+def drop_unwritable_log_files(logger: logging.Logger | None = None) -> None:
+    """A log file of `logger` (the root's: Hydra's `train.log`) that cannot be written, as on a
+    full disk, is dropped, instead of the logging module printing a traceback for every
+    message; the process's last line says so (`exit_on_user_error`). Other failures of a
+    handler (a bad format) are reported as the logging module reports them."""
+    logger = logger or logging.getLogger()
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handleError = functools.partial(_drop_if_unwritable, logger, handler)
+
+
+def _drop_if_unwritable(
+    logger: logging.Logger, handler: logging.FileHandler, record: logging.LogRecord
+) -> None:
+    err = sys.exc_info()[1]
+    if not (isinstance(err, OSError) and err.errno in WRITE_ERRNOS):
+        logging.Handler.handleError(handler, record)
+        return
+    logger.removeHandler(handler)
+    with suppress(OSError):
+        handler.close()
+    UNWRITABLE_LOGS.append(f"the log {handler.baseFilename} could not be written ({err.strerror})")
+
+
+def unwritable_logs_note() -> str:
+    """What the final line adds about log files dropped as unwritable ("" when none were)."""
+    return "".join(f"; {note}" for note in UNWRITABLE_LOGS)
 
 
 def full_error_requested() -> bool:
@@ -148,9 +184,11 @@ def report_user_error(err: BaseException, prog: str) -> int:
         raise err
     where = getattr(err, "log_file", None)
     hint = f" (traceback in {where})" if where else ""
+    notes = "".join(f"; {note}" for note in getattr(err, "__notes__", ()))  # e.g. unrecorded
+    notes += unwritable_logs_note()
     rank = process_rank()
     label = f"error (rank {rank})" if rank else "error"  # the other ranks of a DDP run
-    print(f"{prog}: {label}: {one_line(err)}{hint}", file=sys.stderr)
+    print(f"{prog}: {label}: {one_line(err)}{notes}{hint}", file=sys.stderr)
     return 1
 
 
@@ -165,7 +203,7 @@ def exit_on_user_error(command: Callable[[], T], prog: str = "owdfa-bench") -> T
     one line and 128 + the signal number. With HYDRA_FULL_ERROR=1 both re-raise (traceback
     on the console); programming errors always do."""
     try:
-        return command()
+        result = command()
     except Exception as err:
         if not is_user_error(err):
             raise
@@ -175,10 +213,13 @@ def exit_on_user_error(command: Callable[[], T], prog: str = "owdfa-bench") -> T
             raise
         print(
             f"{prog}: interrupted by {err}; the run is marked failed, launch it again to resume "
-            "from its last checkpoint",
+            f"from its last checkpoint{unwritable_logs_note()}",
             file=sys.stderr,
         )
         raise SystemExit(128 + err.signum) from None
+    if UNWRITABLE_LOGS:
+        print(f"{prog}: warning: {unwritable_logs_note()[2:]}", file=sys.stderr)
+    return result
 
 
 @contextmanager

@@ -8,8 +8,10 @@ goes to `extras`, a key a record lacks keeps the field's empty value.
 
 Nothing complete is overwritten by something incomplete (`write_run_record`): while
 `results.json` holds a complete record, the running or failed record of a new attempt (a
-forced rerun, a changed config) goes to `results.attempt.json`, and `results.json` is replaced
-only by the attempt's complete record.
+forced rerun, a changed config) goes to `results.attempt.json` and its config to
+`config.attempt.yaml`, and `results.json` and `config.yaml` are replaced only once the attempt
+is complete. Records and configs are written to a temporary beside them, fsynced and renamed, so
+a full disk leaves the previous file whole and no temporary behind.
 
 Schema versions: 2 added `resumed` (the checkpoints a run continued from) and made `wall_s` and
 the throughputs cover every segment of a resumed run; version 1 records read as before.
@@ -32,9 +34,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from owdfa_bench.cache import atomic_path
+
 SCHEMA_VERSION = 2  # bump when a field changes meaning; from_dict reads every version up to it
 RESULTS_FILE = "results.json"
 ATTEMPT_FILE = "results.attempt.json"  # an attempt's record while results.json is complete
+CONFIG_FILE = "config.yaml"  # the resolved config of the record in results.json
+ATTEMPT_CONFIG_FILE = "config.attempt.yaml"  # ... and of the attempt in results.attempt.json
 # Keys that say where and how a run is recorded or shown, not what it computes.
 HASH_EXCLUDED_KEYS = ("force", "logger", "output_root", "sweep_name", "run_dir", "hydra")
 # ... how it is shown, checkpointed and fed, and which class builds the Trainer
@@ -230,12 +236,18 @@ def package_versions() -> dict[str, str]:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write to a temporary file and rename it, so a reader never sees half a record."""
+    """Write to a temporary file beside `path`, fsync it and rename it, so a reader never sees
+    half a record; a write that fails (a full disk) removes its temporary."""
+    text = json.dumps(strict_json(data), indent=2, default=_json_default, allow_nan=False)
+    write_text_atomic(Path(path), text)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(strict_json(data), f, indent=2, default=_json_default, allow_nan=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def strict_json(obj: Any) -> Any:
@@ -279,6 +291,29 @@ def write_run_record(run_dir: Path, record: RunRecord) -> Path:
     path = attempt if previous is not None and previous.status == "complete" else results
     write_record(path, record)
     return path
+
+
+def config_file_of(run_dir: Path, record: RunRecord) -> Path:
+    """Where a run writes its resolved config: `config.yaml`, or `config.attempt.yaml` beside
+    the attempt's record while `results.json` holds a complete record (whose config stays)."""
+    run_dir = Path(run_dir)
+    previous = read_record(run_dir)
+    keep = record.status != "complete" and previous is not None and previous.status == "complete"
+    return run_dir / (ATTEMPT_CONFIG_FILE if keep else CONFIG_FILE)
+
+
+def write_run_config(run_dir: Path, cfg: DictConfig, record: RunRecord) -> Path:
+    """The resolved config, atomically, where `config_file_of` says; returns the file."""
+    path = config_file_of(run_dir, record)
+    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def promote_attempt_config(run_dir: Path) -> None:
+    """A completed attempt's config replaces the config of the record it replaced."""
+    attempt = Path(run_dir) / ATTEMPT_CONFIG_FILE
+    if attempt.exists():
+        os.replace(attempt, Path(run_dir) / CONFIG_FILE)
 
 
 def read_latest_attempt(run_dir: Path) -> RunRecord | None:

@@ -22,7 +22,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from owdfa_bench.cache import remove_stale_temporaries
 from owdfa_bench.checkpoints import CheckpointFiles, previous_of, stale_temporaries
 from owdfa_bench.config import SELECTIONS, TrainerConfig, check_config
 from owdfa_bench.data.datamodule import OWDFADataModule, build_splits
@@ -51,13 +52,20 @@ from owdfa_bench.errors import (
     one_line,
     signals_interrupt,
 )
+from owdfa_bench.locks import hold_run_folder
 from owdfa_bench.method import OWDFAMethod, Problem
 from owdfa_bench.pretrain import resolve_pretrained_start
 from owdfa_bench.records import (
+    ATTEMPT_CONFIG_FILE,
+    ATTEMPT_FILE,
+    CONFIG_FILE,
+    RESULTS_FILE,
     RunRecord,
     config_hash,
+    promote_attempt_config,
     read_latest_attempt,
     read_record,
+    write_run_config,
     write_run_record,
 )
 from owdfa_bench.resume import ResumeCheckpoint
@@ -133,6 +141,10 @@ def apply_recipe(cfg: DictConfig) -> DictConfig:
     merged.method = OmegaConf.merge(cfg.method, recipes[recipe])
     OmegaConf.set_struct(merged, True)
     return merged
+
+
+# the files of a run folder that are written atomically (through hidden temporaries)
+RUN_FOLDER_RECORDS = (RESULTS_FILE, ATTEMPT_FILE, CONFIG_FILE, ATTEMPT_CONFIG_FILE)
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -360,18 +372,49 @@ class RunFolder(pl.Callback):
             if self.stale:  # never resume from a checkpoint of a different config
                 last.unlink(missing_ok=True)
                 previous_of(last).unlink(missing_ok=True)
-            OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+            for name in RUN_FOLDER_RECORDS:  # of a record write that was killed
+                remove_stale_temporaries(self.run_dir / name, age_s=0.0)
+            write_run_config(self.run_dir, self.cfg, self.record)  # never over a complete one's
             write_run_record(self.run_dir, self.record)  # never over a complete record
         self.prepared = True
 
 
+def unrecorded_failure(run_dir: Path, write_error: OSError) -> str:
+    """What the one-line error adds when the failure record could not be written."""
+    previous = read_latest_attempt(run_dir)
+    says = f"still says {previous.status!r}" if previous is not None else "is not there"
+    return (
+        f"the failure could not be recorded in {run_dir} "
+        f"({write_error.strerror or write_error}): its record {says}"
+    )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and evaluate one cell; returns the results record as written to results.json
-    (on every rank of a multi-process run; only global rank 0 writes the run folder)."""
+    (on every rank of a multi-process run; only global rank 0 writes the run folder). A cell
+    that another launch is training (its run folder's lock is held, `owdfa_bench/locks.py`)
+    is skipped: the result is `{"status": "skipped", "held_by": ...}`."""
     cfg = apply_recipe(cfg)
     check_config(cfg)
     quiet_console_unless_rank_zero()
     run_dir = run_dir_of(cfg)
+    if not is_rank_zero():  # rank 0 of this run holds the folder's lock for every rank
+        return run_held(cfg, run_dir)
+    with ExitStack() as held:
+        with run_folder_writes(run_dir):
+            holder = held.enter_context(hold_run_folder(run_dir))
+        if holder is None:
+            return run_held(cfg, run_dir)
+    log.warning(
+        "skipping %s: another launch is training it (%s); its record will be there when it ends",
+        run_dir,
+        holder,
+    )
+    return {"status": "skipped", "run_dir": str(run_dir), "held_by": holder}
+
+
+def run_held(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """`run` once the run folder's lock is held (by rank 0 of this run)."""
     cfg_hash = config_hash(cfg)
     previous = read_record(run_dir)
     if not cfg.force and previous is not None and previous.is_complete(cfg_hash):
@@ -394,6 +437,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if is_rank_zero():
                 with run_folder_writes(run_dir):
                     write_run_record(run_dir, record)
+                    promote_attempt_config(run_dir)
                     # complete: never resumed again, so the checkpoint before the last goes
                     previous_of(run_dir / CHECKPOINT).unlink(missing_ok=True)
         close_loggers(trained.loggers, summary=record.metrics, failed=False)
@@ -406,11 +450,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if is_rank_zero():  # the failure is recorded once
             try:
                 if not folder.prepared:  # failed before the Trainer set up
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+                    write_run_config(run_dir, cfg, record)
                 write_run_record(run_dir, record)
             except OSError as write_error:  # a full or read-only folder: nothing more to write
-                log.error("could not record the failure in %s: %s", run_dir, write_error)
+                err.add_note(unrecorded_failure(run_dir, write_error))
+                log.error("%s", err.__notes__[-1])
         close_loggers(trained.loggers, summary=None, failed=True)
         raise
 

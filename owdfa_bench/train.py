@@ -23,7 +23,12 @@ import hydra
 from omegaconf import DictConfig
 
 from owdfa_bench.config import register_configs
-from owdfa_bench.errors import exit_on_user_error, is_user_error, log_traceback_to_files
+from owdfa_bench.errors import (
+    drop_unwritable_log_files,
+    exit_on_user_error,
+    is_user_error,
+    log_traceback_to_files,
+)
 from owdfa_bench.resources import conf_dir
 
 register_configs()  # the structured configs the YAML defaults lists name (no torch import)
@@ -52,6 +57,7 @@ def train_cell(cfg: DictConfig) -> float | None:
 
     from owdfa_bench.runner import run  # here: `train --help` and `--cfg` need no torch
 
+    drop_unwritable_log_files()  # a full disk: one line, not a traceback per log message
     try:
         record = run(cfg)
     except BaseException as err:

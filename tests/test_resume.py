@@ -22,7 +22,13 @@ from helpers import run_py
 
 from owdfa_bench.errors import CheckpointError, RunFolderError
 from owdfa_bench.method import OWDFAMethod
-from owdfa_bench.records import ATTEMPT_FILE, RESULTS_FILE, read_record
+from owdfa_bench.records import (
+    ATTEMPT_CONFIG_FILE,
+    ATTEMPT_FILE,
+    CONFIG_FILE,
+    RESULTS_FILE,
+    read_record,
+)
 from owdfa_bench.runner import run
 
 # 3 epochs of 3 steps, a checkpoint after every step: step checkpoints within each epoch and
@@ -214,11 +220,16 @@ def test_a_forced_rerun_that_dies_leaves_the_previous_complete_record(make_cfg, 
         seen_during_rerun.append(json.loads(results.read_text())["status"])
         raise RuntimeError("the rerun dies")
 
+    config = Path(cfg.run_dir) / CONFIG_FILE
+    first_config = config.read_bytes()
     monkeypatch.setattr(OWDFAMethod, "training_step", look_then_die)
     with pytest.raises(RuntimeError, match="the rerun dies"):
         run(make_cfg("method=lower_bound", "force=true"))
     monkeypatch.setattr(OWDFAMethod, "training_step", original)
     assert seen_during_rerun == ["complete"]  # not overwritten by "running" at the start
+    # the complete record's config stays; the attempt's is beside the attempt's record
+    assert config.read_bytes() == first_config and b"force: false" in first_config
+    assert b"force: true" in (Path(cfg.run_dir) / ATTEMPT_CONFIG_FILE).read_bytes()
     assert json.loads(results.read_text()) == json.loads(json.dumps(first))
     attempt = json.loads((Path(cfg.run_dir) / ATTEMPT_FILE).read_text())
     assert attempt["status"] == "failed" and "the rerun dies" in attempt["error"]
@@ -229,6 +240,8 @@ def test_a_forced_rerun_that_dies_leaves_the_previous_complete_record(make_cfg, 
     assert rerun["status"] == "complete" and results.stat().st_mtime_ns != written
     assert json.loads(results.read_text())["wall_s"] == rerun["wall_s"]
     assert not (Path(cfg.run_dir) / ATTEMPT_FILE).exists()
+    assert b"force: true" in config.read_bytes()  # the completed attempt's config replaced it
+    assert not (Path(cfg.run_dir) / ATTEMPT_CONFIG_FILE).exists()
 
 
 def test_a_changed_config_resumes_its_own_attempt_not_the_complete_record(make_cfg, monkeypatch):

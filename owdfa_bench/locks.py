@@ -1,0 +1,84 @@
+"""One launcher per cell: the lock a run folder holds while a process trains it.
+
+Two launches of one sweep into one output folder (a sweep started twice, a SLURM array and a
+local rerun) would otherwise each train every cell, and a later one would "resume" from the
+other's live checkpoint. Rank 0 of a run takes `run.lock` in the run folder before it reads
+the folder's record or checkpoint and keeps it until the run ends; a second launch finds it
+held and skips the cell in one line naming the holder.
+
+`fcntl.flock` (not the `filelock` package the caches use): the holder writes who it is into the
+lock file, which a failed attempt must not truncate. The kernel releases the lock when its
+process exits however it exits (SIGKILL included), so a lock whose process is gone is never
+in the way. NFS (v4, or v3 with lockd) supports it; a file system that does not (Lustre
+mounted without `-o flock`) gets a warning and no lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "run.lock"
+
+
+def holder_info() -> dict[str, object]:
+    """Who holds a lock: this process, its host, its SLURM job (when there is one), since when."""
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def describe_holder(text: str) -> str:
+    """The holder a lock file names, for a message ("another process" when it names none)."""
+    try:
+        info = json.loads(text)
+        who = f"pid {info['pid']} on {info['host']}"
+    except (ValueError, TypeError, KeyError):
+        return "another process"
+    job = f", SLURM job {info['slurm_job_id']}" if info.get("slurm_job_id") else ""
+    return f"{who}{job}, since {info.get('since', '?')}"
+
+
+@contextmanager
+def hold_run_folder(run_dir: Path) -> Iterator[str | None]:
+    """Hold `run_dir`'s lock within the block: yields None while this process holds it, or,
+    holding nothing, the description of the process that does."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                yield describe_holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+                return
+            log.warning(
+                "cannot lock %s (%s): this file system has no file locks, so a second launch "
+                "of this cell is not prevented",
+                run_dir / LOCK_FILE,
+                err.strerror,
+            )
+            yield None
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder_info()).encode(), 0)
+        try:
+            yield None
+        finally:
+            os.ftruncate(fd, 0)  # nobody holds it
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
