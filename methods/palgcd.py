@@ -28,9 +28,13 @@ What it computes:
   losses  stage 1: L = L_mem. L_mem, per row of both views with a proxy: scores s = f_mem . m /
           0.05 against every proxy, the positives (the proxies of the row's cluster, one here)
           plus the highest-scoring others up to 50 entries, L_i = -mean_{p in P} log softmax(s
-          over those entries)_p; the mean over the rows. Memory update (stage 1,
-          `memory_detach: false`): after each step, for every row in order, m <- normalise(0.2 m
-          + 0.8 f_mem) (`ExemplarMemory.backward`; the new feature dominates).
+          over those entries)_p; the mean over the rows. The proxies are constants between
+          associations (`memory_detach: true`, the default: `run_cifar100_stage1_and_stage2.sh`
+          and `run_imagenet100_stage1_and_stage2.sh`, whose thresh, outlier_thresh and
+          sample_ratio the config copies, pass `--memory_detach True`; argparse's default is
+          False, which the CUB, Cars, Aircraft and Herbarium scripts keep). With
+          `memory_detach: false`, after each stage-1 step, for every row in order, m <-
+          normalise(0.2 m + 0.8 f_mem) (`ExemplarMemory.backward`; the new feature dominates).
           stage 2 (k=known only): SimGCD's L = (1 - lam)(L_distill + eps L_memax) + lam L_cls +
           (1 - lam) L_infonce + lam L_supcon, plus 0.1 L_mem against a constant memory; the
           teacher-temperature warm-up counts from the first stage-2 epoch; a new optimiser state
@@ -89,10 +93,10 @@ Deliberate deviations from the official code:
     prints it and discards it).
 
 Under DDP: every rank embeds its share of the training rows; rank 0 associates them all and
-every rank takes its proxy memory; each step's memory update uses every rank's rows (rank 0's
-first, in batch order), so the memories stay equal. Not equal to one process with the global
-batch: stage 2's me-max, InfoNCE and SupCon sets and batch-norm statistics are over each
-rank's share.
+every rank takes its proxy memory; with `memory_detach: false`, each step's memory update uses
+every rank's rows (rank 0's first, in batch order), so the memories stay equal. Not equal to
+one process with the global batch: stage 2's me-max, InfoNCE and SupCon sets and batch-norm
+statistics are over each rank's share.
 """
 
 from __future__ import annotations
@@ -700,7 +704,7 @@ class PALGCD(SimGCDFamily):
         memory_temp: float = 0.05,
         memory_momentum: float = 0.2,
         memory_neg_k: int = 50,
-        memory_detach: bool = False,
+        memory_detach: bool = True,
         stage2_memory_weight: float = 0.1,
         sup_weight: float = 0.35,
         memax_weight: float = 1.0,

@@ -71,6 +71,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -96,9 +97,9 @@ def dapl_ratio(
     step = epoch - wait_epochs
     if step >= ramp_epochs:
         return float(final_ratio)
-    if ramp_epochs == 1:
-        return float(init_ratio)
-    return float(init_ratio + (final_ratio - init_ratio) * step / (ramp_epochs - 1))
+    # np.linspace itself, not init + (final - init) * step / (ramp - 1): the two round apart in
+    # the last bit, which moves the hard-label count int(B * ratio) by a row at some B
+    return float(np.linspace(init_ratio, final_ratio, ramp_epochs)[step])
 
 
 def dapl_targets(

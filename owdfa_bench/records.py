@@ -15,6 +15,8 @@ a full disk leaves the previous file whole and no temporary behind.
 
 Schema versions: 2 added `resumed` (the checkpoints a run continued from) and made `wall_s` and
 the throughputs cover every segment of a resumed run; version 1 records read as before.
+`precision` (the Trainer's numeric precision, Lightning's name) came later within version 2: a
+record without it reads its config's `trainer.precision` (`run_precision`), else unknown.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ HASH_EXCLUDED_PATHS = (("method", "display"), ("data", "_target_"))
 OMIT_WHEN_EMPTY = {"omit": "when_none"}  # always
 RESULT = {"omit": "unless_complete"}  # unless the run is complete (then null says "none")
 EVALUATION = {"omit": "unless_evaluate"}  # unless the record is of an evaluated checkpoint
+# Lightning's legacy precision names and the ones it turns them into (Trainer(precision=...)).
+PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 
 
 @dataclass
@@ -81,6 +85,7 @@ class RunRecord:
     git_commit: str | None = None
     versions: dict[str, str] | None = None
     device: str | None = None
+    precision: str | None = None  # the Trainer's, e.g. "32-true" or "bf16-mixed"
     # a multi-process run: world size, strategy, backend, and the per-epoch replica checks
     distributed: dict[str, Any] | None = field(default=None, metadata=OMIT_WHEN_EMPTY)
     kind: str | None = field(default=None, metadata=OMIT_WHEN_EMPTY)  # None: a training run
@@ -134,6 +139,7 @@ class RunRecord:
             git_commit=git_commit(),
             versions=package_versions(),
             device=device,
+            precision=lightning_precision(cfg.trainer.precision),
             **fields,
         )
 
@@ -171,6 +177,23 @@ class RunRecord:
     def is_complete(self, cfg_hash: str) -> bool:
         """Complete for this config: a sweep skips the run."""
         return self.status == "complete" and self.config_hash == cfg_hash and bool(self.metrics)
+
+
+def lightning_precision(value: Any) -> str | None:
+    """The name Lightning runs a `precision` setting under ("32" -> "32-true"); None if unset."""
+    if value is None:
+        return None
+    return PRECISION_ALIASES.get(str(value), str(value))
+
+
+def run_precision(record: RunRecord) -> str | None:
+    """The precision a run trained at: its `precision` field, else (records written before the
+    field) its stored config's `trainer.precision`; None when neither says."""
+    if record.precision is not None:
+        return lightning_precision(record.precision)
+    config = record.config if isinstance(record.config, dict) else {}
+    trainer = config.get("trainer")
+    return lightning_precision(trainer.get("precision")) if isinstance(trainer, dict) else None
 
 
 VERSIONED_PACKAGES = (

@@ -101,6 +101,18 @@ def test_gpu_and_ddp_trainers_build_on_cpu():
     assert compose_config(["trainer=ddp", "method=lower_bound"]).trainer.strategy.startswith("ddp")
 
 
+def test_gpu_fp32_is_the_gpu_recipe_at_fp32():
+    """The recipe for comparisons with published numbers: trainer=gpu, but 32-true."""
+    from omegaconf import OmegaConf
+
+    gpu, fp32 = (
+        OmegaConf.to_container(compose_config([f"trainer={name}", "method=lower_bound"]).trainer)
+        for name in ("gpu", "gpu_fp32")
+    )
+    assert fp32.pop("precision") == "32-true" and gpu.pop("precision") == "bf16-mixed"
+    assert fp32 == gpu and fp32["accelerator"] == "gpu"
+
+
 def _cells(sweep: str) -> list[list[str]]:
     """Every cell of a sweep file: the cartesian product of its sweeper params."""
     import itertools

@@ -380,6 +380,18 @@ def test_stage_one_trains_the_encoder_through_the_memory(detach):
     torch.testing.assert_close(norms, torch.ones_like(norms))
 
 
+def test_proxies_are_constant_between_associations_by_default():
+    """The CIFAR-100 / ImageNet-100 scripts the config copies pass --memory_detach True."""
+    from conftest import compose_config
+
+    from owdfa_bench.runner import apply_recipe
+
+    for recipe in ("fair", "original"):
+        cfg = apply_recipe(compose_config(["method=palgcd", f"method.recipe={recipe}"]))
+        assert cfg.method.model.memory_detach is True
+    assert PALGCD(Problem(3, 6, max_epochs=2), {}, TINY_BACKBONE, **SMALL_HEADS).memory_detach
+
+
 def test_unknown_k_runs_stage_one_only_and_reports_the_proxies():
     method = PALGCD(Problem(3, 6, "unknown", max_epochs=10), {}, TINY_BACKBONE, **SMALL_HEADS)
     assert not method.second_stage and method.k_estimated() is None

@@ -35,16 +35,43 @@ Z2 = np.array([[0.5, 0.3, -0.1], [0.1, 0.9, 0.0], [0.2, -0.6, 0.4], [0.0, 0.2, 0
 # ----------------------------------------------------------------------------- DAPL
 
 
+# (wait, ramp, init, final): the original recipe's, an odd one, the default recipe's 25 of 50
+DAPL_SCHEDULES = ((0, 100, 0.0, 1.0), (3, 10, 0.2, 0.9), (0, 25, 0.0, 1.0))
+
+
+def official_ratio_schedule(wait, ramp, init, final, total=200):
+    """`DistillLoss_ratio.ratio_schedule` (models/loss.py @ 8835a4d)."""
+    return np.concatenate(
+        [np.zeros(wait), np.linspace(init, final, ramp), np.ones(total - wait - ramp) * final]
+    )
+
+
 def test_dapl_ratio_is_the_official_schedule():
-    for wait, ramp, init, final in ((0, 100, 0.0, 1.0), (3, 10, 0.2, 0.9), (0, 25, 0.0, 1.0)):
-        total = 200
-        expected = np.concatenate(
-            [np.zeros(wait), np.linspace(init, final, ramp), np.full(total - wait - ramp, final)]
-        )
-        got = [dapl_ratio(e, wait, ramp, init, final) for e in range(total)]
-        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+    for wait, ramp, init, final in DAPL_SCHEDULES:
+        expected = official_ratio_schedule(wait, ramp, init, final)
+        got = [dapl_ratio(e, wait, ramp, init, final) for e in range(len(expected))]
+        np.testing.assert_array_equal(got, expected)  # bit for bit
     assert dapl_ratio(500, 0, 100) == 1.0  # past the schedule: the final ratio
     assert dapl_ratio(0, 0, 1, 0.3, 1.0) == 0.3
+
+
+def test_dapl_hard_label_count_is_the_official_one_at_every_batch_size():
+    """int(B * ratio_schedule[epoch]), as `DistillLoss_ratio.forward` counts its hard labels, for
+    B = 1..256 at every epoch; the closed form init + (final - init) * step / (ramp - 1) rounds
+    apart and gave a row fewer at some B (B = 55 at epoch 27 of a 100-epoch ramp)."""
+    closed_form_misses = 0
+    for wait, ramp, init, final in DAPL_SCHEDULES:
+        for epoch, official in enumerate(official_ratio_schedule(wait, ramp, init, final)):
+            ratio = dapl_ratio(epoch, wait, ramp, init, final)
+            step = min(max(epoch - wait, 0), ramp - 1)
+            closed = 0.0 if epoch < wait else init + (final - init) * step / (ramp - 1)
+            for b in range(1, 257):
+                assert int(b * ratio) == int(b * official), (wait, ramp, epoch, b)
+                closed_form_misses += int(b * closed) != int(b * official)
+    assert closed_form_misses > 0  # the range covers the batch sizes where the two differ
+    probs = torch.softmax(torch.randn(55, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    _, hard = dapl_targets(probs, dapl_ratio(27, 0, 100))
+    assert int(hard.sum()) == int(55 * np.linspace(0.0, 1.0, 100)[27]) == 15
 
 
 def test_dapl_targets_make_the_most_separated_rows_one_hot():

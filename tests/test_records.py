@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 
-from owdfa_bench.records import SCHEMA_VERSION, RunRecord, read_record, write_record
+from owdfa_bench.records import (
+    SCHEMA_VERSION,
+    RunRecord,
+    read_record,
+    run_precision,
+    write_record,
+)
 from owdfa_bench.report.collect import load_records
 
 RESULT_KEYS = ("metrics", "history", "confusion", "k_estimated", "selection_metric")
@@ -36,6 +42,19 @@ def test_round_trip_and_an_old_record_with_unknown_and_missing_keys(tmp_path):
     back = RunRecord.from_dict(old)
     assert back.schema_version is None and back.k is None and back.extras == {"future_key": 1}
     assert back.to_dict()["future_key"] == 1
+
+
+def test_a_record_carries_the_precision_it_ran_at_and_older_ones_read_their_config():
+    from conftest import compose_config
+
+    cfg = compose_config(["trainer=gpu_fp32", "method=lower_bound"])
+    record = RunRecord.from_config(cfg, "abc", "cpu")
+    assert record.to_dict()["precision"] == "32-true" and run_precision(record) == "32-true"
+    cfg.trainer.precision = "bf16"  # Lightning's legacy alias: recorded under the name it runs
+    assert RunRecord.from_config(cfg, "abc", "cpu").precision == "bf16-mixed"
+    older = RunRecord.from_dict({"status": "complete", "config": {"trainer": {"precision": 32}}})
+    assert older.precision is None and run_precision(older) == "32-true"
+    assert run_precision(RunRecord.from_dict({"status": "complete", "config": {}})) is None
 
 
 def test_the_report_reads_records_through_the_type(tmp_path):

@@ -159,6 +159,12 @@ def tables(sweep) -> dict[str, Path]:
     return write_tables(sweep)
 
 
+def md_rows(text: str) -> list[list[str]]:
+    """The cells of every body row of the Markdown table in `text`."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[1:]]
+
+
 def md_row(text: str, label: str) -> list[str]:
     """The cells of the Markdown row whose first cell is `label`."""
     for line in text.splitlines():
@@ -369,18 +375,61 @@ def test_compare_paper_prints_every_row_beside_the_paper(tmp_path, capsys):
     assert comparison in printed
     cal = md_row(comparison, "CAL")
     header = md_row(comparison, "Method")
-    assert header[2:6] == ["All ours", "All paper", "Known ours", "Known paper"]
-    assert cal[1] == "P1" and cal[3] == "88.3" and cal[5] == "98.0"
+    assert header[2:7] == ["Precision", "All ours", "All paper", "Known ours", "Known paper"]
+    assert cal[1] == "P1" and cal[4] == "88.3" and cal[6] == "98.0"
     rows = [line for line in comparison.splitlines() if line.startswith("| ")][1:]
     assert len(rows) == 3  # no row dropped
     p4 = [r for r in rows if "| P4" in r]
     (mpsl,) = [r for r in rows if r.startswith("| MPSL")]
     for row in (p4[0], mpsl):
         cells = [c.strip() for c in row.strip().strip("|").split("|")]
-        assert cells[2] and not cells[3]  # ours shown, paper blank
+        assert cells[3] and not cells[4]  # ours shown, paper blank
     frame = pd.read_csv(tmp_path / "tables" / "paper_comparison.csv")
     assert frame.groupby(["method", "protocol"]).ngroups == 3
     assert frame.loc[frame["method"] == "mpsl", "paper_percent"].isna().all()
+
+
+def test_compare_paper_shows_the_precision_each_cell_trained_at(tmp_path):
+    """The record's `precision`, else its config's trainer.precision (older records), else
+    unknown; a cell whose seeds differ is "mixed"."""
+    for seed in SEEDS:
+        cells = {
+            "p1": {"precision": "32-true"},
+            "p2": {"precision": "bf16-mixed" if seed == 2025 else "32-true"},
+            "p3": {},  # an older record: no field, its config names the precision
+        }
+        for protocol, fields in cells.items():
+            record = make_record("cal", protocol, "known", seed, data="owdfa40") | fields
+            if protocol == "p3":
+                record["config"]["trainer"] = {"precision": "bf16"}  # Lightning's old alias
+            write_record(tmp_path, record)
+        write_record(tmp_path, make_record("cpl", "p1", "known", seed, data="owdfa40"))
+    paths = write_tables(tmp_path, compare_paper=True)
+    comparison = paths["paper_comparison_md"].read_text()
+    rows = {(cells[0], cells[1]): cells[2] for cells in md_rows(comparison)}
+    assert rows == {
+        ("CAL", "P1"): "fp32",
+        ("CAL", "P2"): "mixed: bf16-mixed, fp32",
+        ("CAL", "P3"): "bf16-mixed",
+        ("CPL", "P1"): "unknown",  # neither the record nor its config says
+    }
+    assert "Precision: what each cell trained at" in comparison.splitlines()[0]
+    frame = pd.read_csv(paths["paper_comparison"])
+    assert set(frame.loc[frame["protocol"] == "p2", "precision"]) == {"mixed: bf16-mixed, fp32"}
+    runs = pd.read_csv(paths["runs"])
+    assert set(runs["precision"].dropna()) == {"32-true", "bf16-mixed"}
+    caption = paths["acc_md"].read_text().splitlines()[0]
+    assert "different precisions (bf16-mixed; fp32; mixed: bf16-mixed, fp32; unknown" in caption
+
+
+def test_compare_paper_caption_names_the_one_precision_of_every_cell(tmp_path):
+    for seed in SEEDS:
+        write_record(
+            tmp_path,
+            make_record("cal", "p1", "known", seed, data="owdfa40") | {"precision": "32-true"},
+        )
+    caption = write_tables(tmp_path, compare_paper=True)["acc_md"].read_text().splitlines()[0]
+    assert "Our runs trained at fp32; the reference recipes at fp32." in caption
 
 
 def test_compare_paper_on_synthetic_says_not_comparable(sweep, tmp_path):

@@ -26,6 +26,7 @@ from owdfa_bench.records import (
     HASH_EXCLUDED_TRAINER_KEYS,
     RESULTS_FILE,
     RunRecord,
+    run_precision,
 )
 from owdfa_bench.report.naming import display_from_config
 
@@ -58,6 +59,7 @@ RUN_FIELDS = [
     "cell_config_hash",
     "git_commit",
     "device",
+    "precision",  # Lightning's name (run_precision: the record's, else its config's; None unknown)
     "data_warnings",
     "unreadable_images",
     "display_name",  # from the run's config, `method.display` (None when it has none)
@@ -159,6 +161,7 @@ def read_record(path: Path, root: Path) -> dict[str, Any]:
     run = RunRecord.from_dict(record)
     row: dict[str, Any] = {name: getattr(run, name, None) for name in RUN_FIELDS}
     row["path"] = rel
+    row["precision"] = run_precision(run)
     row["cell_config_hash"] = run.extras.get("cell_config_hash")
     metrics = run.metrics or {}
     if isinstance(metrics, dict):

@@ -10,7 +10,8 @@ end-of-multirun callback.
   states the metric convention, the checkpoint rule and whether the data is synthetic;
 - `diagnostics.md` / `.csv` / `.tex`: the mechanism diagnostics per cell;
 - `issues.txt`: everything that makes the numbers less than a clean sweep;
-- with `--compare-paper`: `paper_comparison.md` / `.csv`, ours beside results/paper;
+- with `--compare-paper`: `paper_comparison.md` / `.csv`, ours beside results/paper, with the
+  precision each cell trained at;
 - with `--ci`: `significance.csv`, the Welch p-values behind the marks.
 
 `write_report` adds the figures (`plots/`) and the W&B run of `owdfa_bench/report/tracking.py`.
@@ -34,6 +35,7 @@ from owdfa_bench.report.paper import (
     paper_benchmark_for,
     paper_comparison,
     paper_table,
+    precision_note,
 )
 from owdfa_bench.report.plots import write_plots
 from owdfa_bench.report.render import (
@@ -123,6 +125,7 @@ def write_tables(
         benchmark, comparable = paper_benchmark_for(datasets)
         paper = paper_table(benchmark, paper_dir)
         paper_note, caveat = _paper_notes(used, benchmark, comparable)
+        paper_note = f"{paper_note} {precision_note(summary)}"
         comparison = paper_comparison(summary, paper)
         paths["paper_comparison"] = out / "paper_comparison.csv"
         comparison.to_csv(paths["paper_comparison"], index=False)
@@ -132,7 +135,8 @@ def write_tables(
             f"Ours (%, mean {PM} sample std over seeds) beside the published numbers of "
             f"{description} (results/paper/{file_name}; source: {sources}), for the metrics "
             "both have. A blank paper column: the paper has no number for that method, "
-            f"protocol or K setting. {caveat} {data_note(used)}"
+            f"protocol or K setting. Precision: what each cell trained at (the reference "
+            f"recipes: fp32, trainer=gpu_fp32). {caveat} {data_note(used)}"
         )
         paths["paper_comparison_md"] = out / "paper_comparison.md"
         paths["paper_comparison_md"].write_text(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -38,6 +38,16 @@ PM = "\u00b1"
 SYNTHETIC_NOTE = "synthetic data, not real deepfakes"
 
 METHOD_CONF_DIR = resources.conf_dir() / "method"
+# How tables print a Lightning precision; any other name is printed as it is.
+PRECISION_LABELS = {
+    "64-true": "fp64",
+    "32-true": "fp32",
+    "16-true": "fp16",
+    "bf16-true": "bf16",
+    "16-mixed": "fp16-mixed",
+    "bf16-mixed": "bf16-mixed",
+}
+UNKNOWN_PRECISION = "unknown"  # a record that says nothing of its precision
 
 
 @dataclass(frozen=True)
@@ -115,3 +125,18 @@ def row_label(name: Any, k: Any) -> str:
 def cell_name(method: Any, protocol: Any, k: Any) -> str:
     """How issues name a cell: `cal/p1/k=known`."""
     return f"{method}/{protocol}/k={k}"
+
+
+def _precision_name(precision: Any) -> str:
+    if precision is None or (isinstance(precision, float) and math.isnan(precision)):  # pandas NA
+        return UNKNOWN_PRECISION
+    return PRECISION_LABELS.get(str(precision), str(precision))
+
+
+def precision_label(precisions: Iterable[Any]) -> str:
+    """The precision of a cell from its runs' (Lightning names, None unknown): "fp32", or
+    "mixed: bf16-mixed, fp32" when the seeds ran at different precisions."""
+    labels = sorted({_precision_name(p) for p in precisions})
+    if not labels:
+        return UNKNOWN_PRECISION
+    return labels[0] if len(labels) == 1 else "mixed: " + ", ".join(labels)

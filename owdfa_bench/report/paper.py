@@ -2,7 +2,9 @@
 
 `--compare-paper` puts, for every cell of the sweep, our mean beside the published value of the
 same method, protocol and K setting, for every metric both have. A cell whose method, protocol
-or K setting the paper lacks keeps its row, with the paper's columns blank.
+or K setting the paper lacks keeps its row, with the paper's columns blank. Each row says the
+precision the cell trained at (`precision`: "fp32", "bf16-mixed", ..., "mixed: ..." when its
+seeds differ, "unknown" for records that do not say): the reference recipes are all fp32.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def paper_comparison(summary: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame
         "ours_std_percent",
         "n",
         "data",
+        "precision",
         "paper_percent",
         "difference",
         "paper_benchmark",
@@ -107,6 +110,7 @@ def paper_comparison(summary: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame
                     "ours_std_percent": 100 * cell[f"{metric}_std"],
                     "n": cell["n"],
                     "data": cell["data"],
+                    "precision": cell["precision"],
                     "paper_percent": value,
                     "difference": ours - value,
                     "paper_benchmark": hit.benchmark if hit is not None else None,
@@ -114,3 +118,14 @@ def paper_comparison(summary: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame
                 }
             )
     return pd.DataFrame(rows, columns=columns)
+
+
+def precision_note(summary: pd.DataFrame) -> str:
+    """The sentence captions beside the paper add: the precision our cells trained at."""
+    labels = sorted(summary["precision"].astype(str).unique())
+    if len(labels) == 1:
+        return f"Our runs trained at {labels[0]}; the reference recipes at fp32."
+    return (
+        f"Our cells trained at different precisions ({'; '.join(labels)}; per cell in "
+        "paper_comparison.md); the reference recipes at fp32."
+    )

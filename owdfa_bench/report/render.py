@@ -563,7 +563,8 @@ def render_diagnostics_latex(frame: pd.DataFrame, caption: str) -> str:
 
 # --------------------------------------------------------------------------- paper
 def paper_comparison_frame(comparison: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell of ours: our mean +- std beside the paper's number, per shared metric.
+    """One row per cell of ours: its precision, and our mean +- std beside the paper's number
+    per shared metric.
 
     Cells the paper lacks keep their row, with blank paper columns.
     """
@@ -579,6 +580,7 @@ def paper_comparison_frame(comparison: pd.DataFrame) -> pd.DataFrame:
         row = {
             "Method": row_label(cell["display_name"], cell["k"]),
             "Protocol": str(cell["protocol"]).upper(),
+            "Precision": str(cell["precision"]),  # the references train in fp32
         }
         for metric in metrics:
             name = SHORT_NAMES.get(metric, metric)
@@ -598,6 +600,6 @@ def render_paper_comparison(comparison: pd.DataFrame, caption: str) -> str:
     frame = paper_comparison_frame(comparison)
     if frame.empty:
         return f"{caption}\n\n(no metric in common with the paper)\n"
-    colalign = ["left", "left"] + ["center"] * (len(frame.columns) - 2)
+    colalign = ["left", "left", "left"] + ["center"] * (len(frame.columns) - 3)
     text = frame.to_markdown(index=False, disable_numparse=True, colalign=colalign)
     return f"{caption}\n\n{text}\n"

@@ -23,12 +23,21 @@ import pandas as pd
 from scipy import stats
 
 from owdfa_bench.report.collect import is_number, metric_columns
-from owdfa_bench.report.naming import CELL, display_for, natural_key, row_rank
+from owdfa_bench.report.naming import CELL, display_for, natural_key, precision_label, row_rank
 from owdfa_bench.report.validate import included
 
 # Scalar fields of a run (not metrics) that are also averaged per cell.
 RUN_MEASURES = ["wall_s", "k_estimated", "num_clusters"]
-META = ["n", "seeds", "data", "synthetic", "selection", "display_name", "display_order"]
+META = [
+    "n",
+    "seeds",
+    "data",
+    "synthetic",
+    "selection",
+    "precision",
+    "display_name",
+    "display_order",
+]
 CONFIDENCE = 0.95
 
 
@@ -57,13 +66,15 @@ def order_cells(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _cell_meta(used: pd.DataFrame) -> pd.DataFrame:
-    """n, seeds, data sets, synthetic, checkpoint rules and the display of each cell."""
+    """n, seeds, data sets, synthetic, checkpoint rules, precision and the display of each
+    cell."""
     meta = used.groupby(CELL, sort=False).agg(
         n=("path", "size"),
         seeds=("seed", _seeds),
         data=("data", _joined),
         synthetic=("synthetic", _any_true),
         selection=("selection", _joined),
+        precision=("precision", precision_label),  # "mixed: ..." when the seeds differ
         display_name=("display_name", "first"),  # first non-null: the run's method.display
         display_order=("display_order", "first"),
     )
@@ -112,7 +123,8 @@ def summarise(df: pd.DataFrame, ci: bool = False) -> pd.DataFrame:
     """Mean, sample std (ddof=1, NaN for one run) and n per (method, protocol, k) and metric.
 
     Only runs with an empty `exclusion_reasons` count. Also: the seeds used, the data sets,
-    whether any run is synthetic, the checkpoint rules, the display name and order of the
+    whether any run is synthetic, the checkpoint rules, the precision (`precision_label`: one
+    name, or "mixed: ..." when the seeds differ), the display name and order of the
     method, and the same statistics of wall time, estimated K and number of predicted clusters.
     """
     used = included(df)
