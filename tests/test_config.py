@@ -153,6 +153,7 @@ def test_cal_table2_holds_the_ten_rows_of_the_paper_table_on_real_data():
             continue
         cfg = compose_config(["+sweep=cal_table2", *cell])
         assert cfg.data.name == "owdfa40" and cfg.trainer.accelerator == "gpu"
+        assert cfg.trainer.precision == "32-true"  # as the references train
         rows.add((cfg.method.name, cfg.k.name))
     names = {"simgcd", "owmatch", "lps", "legogcd", "protogcd", "palgcd", "cpl", "cdal", "cal"}
     assert rows == {(m, "known") for m in names} | {("cal", "unknown")}
