@@ -11,6 +11,11 @@ lock file, which a failed attempt must not truncate. The kernel releases the loc
 process exits however it exits (SIGKILL included), so a lock whose process is gone is never
 in the way. NFS (v4, or v3 with lockd) supports it; a file system that does not (Lustre
 mounted without `-o flock`) gets a warning and no lock.
+
+Rank 0 alone takes the lock: the ranks Lightning starts on one machine are its children and
+would find it held. Not handled: a multi-task SLURM job (a DDP cell) whose cell another launch
+holds. Its rank 0 skips, and the ranks SLURM started beside it wait at the DDP rendezvous until
+its timeout ends them.
 """
 
 from __future__ import annotations
