@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import secrets
+import string
 import time
 import traceback
 import warnings
@@ -31,7 +34,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from owdfa_bench.cache import remove_stale_temporaries
 from owdfa_bench.checkpoints import CheckpointFiles, previous_of, stale_temporaries
@@ -67,6 +70,7 @@ from owdfa_bench.records import (
     read_record,
     write_run_config,
     write_run_record,
+    write_text_atomic,
 )
 from owdfa_bench.resume import ResumeCheckpoint
 
@@ -203,9 +207,48 @@ def build_datamodule(
     )
 
 
-def build_loggers(cfg: DictConfig) -> list:
-    """The Lightning loggers of `logger.loggers`, each given the resolved config."""
-    loggers = [instantiate(node) for node in cfg.logger.loggers.values() if node is not None]
+WANDB_ID_FILE = "wandb_run_id"  # in the run folder: the W&B run a resumed run continues
+
+
+def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """The W&B run id of this run: the one kept in the run folder when the run resumes (one
+    W&B run however often it is interrupted), else a new one, kept there by rank 0."""
+    kept = run_dir / WANDB_ID_FILE
+    if resuming and kept.is_file() and kept.read_text().strip():
+        return kept.read_text().strip()
+    alphabet = string.ascii_lowercase + string.digits  # W&B's own ids: 8 of these
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    if is_rank_zero():
+        with run_folder_writes(run_dir):
+            write_text_atomic(kept, run_id)
+    return run_id
+
+
+def wandb_node(node: DictConfig, run_dir: Path, resuming: bool) -> DictConfig:
+    """A WandbLogger's settings for this run: the run id (`wandb_run_id`), resumed with
+    resume="allow", and WANDB_MODE, when set, over `logger.mode` (W&B's own rule: the
+    environment wins)."""
+    node = node.copy()
+    with open_dict(node):
+        node.id = wandb_run_id(run_dir, resuming)
+        node.resume = "allow"
+        if os.environ.get("WANDB_MODE"):
+            node.mode = os.environ["WANDB_MODE"]
+    return node
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path | None = None, resuming: bool = False) -> list:
+    """The Lightning loggers of `logger.loggers`, each given the resolved config; a W&B
+    logger continues the run's W&B run when the run resumes (`wandb_node`)."""
+    nodes = [node for node in cfg.logger.loggers.values() if node is not None]
+    if run_dir is not None:
+        nodes = [
+            wandb_node(node, run_dir, resuming)
+            if node.get("_target_", "").endswith("WandbLogger")
+            else node
+            for node in nodes
+        ]
+    loggers = [instantiate(node) for node in nodes]
     if loggers:
         config = OmegaConf.to_container(cfg, resolve=True)
         for logger in loggers:
@@ -504,7 +547,7 @@ def train_cell(
     trained.method = method = build_method(cfg, problem, start)
     method.channels_last = bool(cfg.trainer.channels_last)
     datamodule = build_datamodule(cfg, splits, method)
-    trained.loggers = build_loggers(cfg)
+    trained.loggers = build_loggers(cfg, run_dir, resuming=resume is not None)
     trained.timing = Timing()
     callbacks = [folder, trained.timing, *build_callbacks(cfg.trainer)]
     trained.checkpoints = next((c for c in callbacks if isinstance(c, ResumeCheckpoint)), None)

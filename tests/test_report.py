@@ -647,10 +647,16 @@ def test_wandb_offline_aggregate_run_holds_the_table(tmp_path, monkeypatch):
 
     (table_file,) = run_dir.glob("files/media/table/tables/acc_*.table.json")
     table = json.loads(table_file.read_text())
-    rows = {row[0]: row for row in table["data"]}
+    rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
     md = paths["acc_md"].read_text()
-    assert table["columns"] == md_row(md, "Method")
-    assert rows["CAL"] == md_row(md, "CAL")  # the same cells as the Markdown table
+    # numbers that sort, mean and std apart: the same values as the Markdown table's cells
+    cal_md = dict(zip(md_row(md, "Method"), md_row(md, "CAL")))
+    for column in ("All", "Known", "Novel"):
+        mean, std = cal_md[f"P1 {column}"].replace("*", "").split(" ± ")  # bold: the best
+        metric = {"All": "all_acc", "Known": "known_acc", "Novel": "novel_acc"}[column]
+        assert round(rows["CAL"][f"p1/{metric}/mean"], 1) == float(mean)
+        assert round(rows["CAL"][f"p1/{metric}/std"], 1) == float(std)
+        assert rows["CAL"][f"p1/{metric}/n"] == len(SEEDS)
     assert list(run_dir.glob("files/media/images/figures/acc_bars*.png"))
 
     # disabled, or a sweep that did not log to W&B (auto): no second run

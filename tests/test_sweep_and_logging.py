@@ -74,6 +74,50 @@ def test_wandb_offline_run_holds_the_summary(make_owdfa40_cfg, monkeypatch):
     assert b"api_key" not in raw.lower()
 
 
+def offline_run_ids(run_dir: Path) -> list[str]:
+    """The W&B run id of each offline run folder W&B wrote (`offline-run-<time>-<id>`)."""
+    return sorted(p.name.rsplit("-", 1)[1] for p in run_dir.glob("wandb/offline-run-*"))
+
+
+def test_a_resumed_run_continues_its_wandb_run(make_cfg, monkeypatch):
+    """Killed and relaunched: the second segment logs to the same W&B run (its id kept in the
+    run folder, resume="allow"), so `wandb sync` makes one run of both; a forced rerun is a
+    new W&B run."""
+    from owdfa_bench.method import OWDFAMethod
+    from owdfa_bench.runner import WANDB_ID_FILE
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    overrides = ("method=lower_bound", "logger=wandb", "trainer.max_epochs=2")
+    original = OWDFAMethod.training_step
+
+    def die_in_epoch_two(self, batch, batch_idx):
+        if self.current_epoch == 1:
+            raise RuntimeError("killed")
+        return original(self, batch, batch_idx)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(OWDFAMethod, "training_step", die_in_epoch_two)
+        with pytest.raises(RuntimeError, match="killed"):
+            run(make_cfg(*overrides))
+    cfg = make_cfg(*overrides)
+    record = run(cfg)
+    run_dir = Path(cfg.run_dir)
+    assert record["status"] == "complete" and len(record["resumed"]) == 1
+    ids = offline_run_ids(run_dir)
+    assert len(ids) == 2 and len(set(ids)) == 1  # two segments, one W&B run
+    assert (run_dir / WANDB_ID_FILE).read_text() == ids[0]
+    run(make_cfg(*overrides, "force=true"))
+    assert len(set(offline_run_ids(run_dir))) == 2
+
+
+def test_wandb_mode_from_the_environment_wins_over_the_config(make_cfg, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = make_cfg("method=lower_bound", "logger=wandb", "logger.mode=offline")
+    assert run(cfg)["status"] == "complete"
+    assert offline_run_ids(Path(cfg.run_dir)) == []  # disabled: W&B wrote nothing
+
+
 def test_unreadable_images_are_listed_and_fail_the_run(make_owdfa40_cfg, owdfa40_root, tmp_path):
     import shutil
 

@@ -58,10 +58,9 @@ from owdfa_bench.report.render import (
     spread_text,
     table_caption,
     table_footnotes,
-    table_frame,
 )
 from owdfa_bench.report.summarise import diagnostics_summary, summarise
-from owdfa_bench.report.tracking import MODES, log_report, resolve_target
+from owdfa_bench.report.tracking import MODES, log_report, numeric_frame, resolve_target
 from owdfa_bench.report.validate import exclusion_reasons, issues_text, validate
 
 log = logging.getLogger(__name__)
@@ -168,7 +167,7 @@ def write_tables(
         paths[f"{name}_tex"] = out / f"{name}.tex"
         tex = render_latex(table, caption, notes, label=f"tab:owdfa-{name.replace('_', '-')}")
         paths[f"{name}_tex"].write_text(tex, encoding="utf-8")
-        frames[name] = table_frame(table)
+        frames[name] = numeric_frame(table)  # for W&B: columns that sort
         if ci:
             significance.append(significance_frame(table, name))
     if ci:
@@ -186,7 +185,7 @@ def write_tables(
     )
     paths["diagnostics_tex"] = out / "diagnostics.tex"
     paths["diagnostics_tex"].write_text(render_diagnostics_latex(shown, caption), encoding="utf-8")
-    frames["diagnostics"] = shown
+    frames["diagnostics"] = diagnostics
     return paths
 
 

@@ -7,8 +7,9 @@ run in the mode, project and entity of its runs' logger when they logged to W&B 
 default, like every run), none when they did not. `offline` or `online` force one. No API key is
 ever read or written here: online mode uses the user's `wandb login` or WANDB_API_KEY.
 
-The offline run lies in `$WANDB_DIR/wandb/offline-run-*` when WANDB_DIR is set, else under the
-report's output folder; `wandb sync` uploads it.
+The tables hold numbers (`numeric_frame`: mean, std and seed count in columns of their own),
+so they sort in the W&B UI. The offline run lies in `$WANDB_DIR/wandb/offline-run-*` when
+WANDB_DIR is set, else under the report's output folder; `wandb sync` uploads it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from owdfa_bench.report.render import Cell, Table
 
 MODES = ("auto", "offline", "online", "disabled")
 JOB_TYPE = "aggregate"
@@ -67,6 +70,24 @@ def _cell(value: Any) -> Any:
     if hasattr(value, "item"):
         return _cell(value.item())
     return value
+
+
+def numeric_frame(table: Table) -> pd.DataFrame:
+    """A paper table as numbers, so a W&B table sorts: per protocol and metric the mean, the
+    std and the seed count as separate columns (a published number has a mean only)."""
+    rows = []
+    for row in table.rows:
+        values: dict[str, Any] = {"method": row.label, "kind": row.kind}
+        for j, cell in enumerate(row.cells):
+            protocol, metric = table.column(j)
+            prefix = f"{protocol}/{metric}"
+            if isinstance(cell, Cell):
+                mean, std, n = cell.mean, cell.std, cell.n
+            else:
+                mean, std, n = cell, None, None
+            values.update({f"{prefix}/mean": mean, f"{prefix}/std": std, f"{prefix}/n": n})
+        rows.append(values)
+    return pd.DataFrame(rows)
 
 
 def to_table(frame: pd.DataFrame) -> Any:
