@@ -47,6 +47,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from owdfa_bench.checkpoints import RESUME_KEY, START_OVER
 from owdfa_bench.distributed import all_ranks
 from owdfa_bench.errors import CheckpointError
+from owdfa_bench.progress import FILE_ONLY
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ class ResumeCheckpoint(Checkpoint):
             trainer.current_epoch,
             trainer.global_step,
             "" if batches_done is None else f" ({batches_done} batches into the epoch)",
+            extra=FILE_ONLY,  # the run's log, not the terminal
         )
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:

@@ -58,6 +58,7 @@ from owdfa_bench.errors import (
 from owdfa_bench.locks import hold_run_folder
 from owdfa_bench.method import OWDFAMethod, Problem
 from owdfa_bench.pretrain import resolve_pretrained_start
+from owdfa_bench.progress import header_line, result_line
 from owdfa_bench.records import (
     ATTEMPT_CONFIG_FILE,
     ATTEMPT_FILE,
@@ -75,6 +76,7 @@ from owdfa_bench.records import (
 from owdfa_bench.resume import ResumeCheckpoint
 
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger("owdfa_bench.progress")
 # Lightning's start-up banners (accelerator listing, product tips) say nothing about the run.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch pytree notice via Lightning
@@ -459,6 +461,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def run_held(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """`run` once the run folder's lock is held (by rank 0 of this run)."""
     cfg_hash = config_hash(cfg)
+    if is_rank_zero():
+        progress_log.info(header_line(cfg, run_dir))
     previous = read_record(run_dir)
     if not cfg.force and previous is not None and previous.is_complete(cfg_hash):
         log.info(
@@ -484,6 +488,8 @@ def run_held(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     # complete: never resumed again, so the checkpoint before the last goes
                     previous_of(run_dir / CHECKPOINT).unlink(missing_ok=True)
         close_loggers(trained.loggers, summary=record.metrics, failed=False)
+        if is_rank_zero():
+            progress_log.info(result_line(record.to_dict()))
         return record.to_dict()
     except BaseException as err:
         record.status = "failed"

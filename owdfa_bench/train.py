@@ -55,9 +55,11 @@ def train_cell(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from owdfa_bench.progress import keep_file_only_lines_off_the_console
     from owdfa_bench.runner import run  # here: `train --help` and `--cfg` need no torch
 
     drop_unwritable_log_files()  # a full disk: one line, not a traceback per log message
+    keep_file_only_lines_off_the_console()  # checkpoint lines: train.log only
     try:
         record = run(cfg)
     except BaseException as err:

@@ -93,13 +93,16 @@ def test_every_method_trains_on_two_ranks_with_equal_replicas(method, synth_root
     assert sum(map(sum, record["confusion"])) == record["counts"]["test"]
     assert len(record["history"]) == EPOCHS
     run_dir = records[0].parent
-    assert not list(run_dir.glob("*.tmp")) and not (run_dir / "results.attempt.json").exists()
+    assert not list(run_dir.glob("*.tmp")) and not list(run_dir.glob(".*.tmp-*"))
+    assert not (run_dir / "results.attempt.json").exists()
     assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
-    # log lines once, in the run's log and on the console both ranks share: one checkpoint
-    # line per epoch end
+    # log lines once, in the run's log and on the console both ranks share: one evaluation
+    # line and one checkpoint line (the log's only) per epoch end
     log = (run_dir / "train.log").read_text()
     for epoch in range(EPOCHS):
         line = f"checkpoint last.ckpt: epoch {epoch}, step"
+        assert log.count(line) == 1 and stdout.count(line) == 0, stdout[-2000:]
+        line = f"epoch {epoch + 1}/{EPOCHS}: All "
         assert log.count(line) == 1 and stdout.count(line) == 1, stdout[-2000:]
 
 

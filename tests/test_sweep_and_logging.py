@@ -44,10 +44,20 @@ def test_multirun_writes_four_cells_and_relaunch_skips_them(owdfa40_root, tmp_pa
     assert all(json.loads(p.read_text())["status"] == "complete" for p in records)
     # the end-of-sweep callback aggregated the cells
     assert (tmp_path / "cells" / "tables" / "summary.csv").is_file()
+    # what a person sees: each run's place in the sweep, its evaluations and result, a count
+    shown = first.stdout + first.stderr
+    for number in range(1, 5):
+        assert f"run {number} of 4: " in shown
+    assert shown.count("epoch 1/2: All ") == 4 and shown.count("done ") == 4
+    assert "cells: 4 complete" in shown
+    assert "checkpoint last.ckpt" not in shown and "v_num" not in shown  # in train.log only
+    log = (tmp_path / "cells/lower_bound/p1/k-known/seed-2025/train.log").read_text()
+    assert "checkpoint last.ckpt: epoch 1" in log and "epoch 2/2: All " in log
     stamps = [p.stat().st_mtime_ns for p in records]
     second = _multirun(owdfa40_root, tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert (second.stdout + second.stderr).count("skipping") == 4
+    assert "cells: 4 already complete" in second.stdout + second.stderr
     assert [p.stat().st_mtime_ns for p in records] == stamps
 
 
