@@ -12,7 +12,9 @@ forced rerun, a changed config) goes to `results.attempt.json`, and `results.jso
 only by the attempt's complete record.
 
 Schema versions: 2 added `resumed` (the checkpoints a run continued from) and made `wall_s` and
-the throughputs cover every segment of a resumed run; version 1 records read as before.
+the throughputs cover every segment of a resumed run; version 1 records read as before. Within
+version 2, `data_digest` (the content digest of the run's rows, `owdfa_bench/data/digest.py`)
+was added later: a record without it reads with None.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class RunRecord:
     split_seed: int | None = None
     data: str | None = None
     synthetic: bool | None = None
+    # SHA-256 of the rows and their bytes: one config on other data gets another digest
+    data_digest: str | None = field(default=None, metadata=OMIT_WHEN_EMPTY)
     selection: str | None = None
     config_hash: str | None = None
     config: dict[str, Any] | None = None

@@ -664,8 +664,11 @@ def _prepare_command(data_cfg: Any) -> str:
     return " ".join(parts)
 
 
-def resolve_cached_rows(rows: list[Row], data_cfg: Any) -> list[Row]:
-    """Map `(source image path, label)` rows to `(cached crop path, label)` rows.
+def resolve_cached_rows(
+    rows: list[Row], data_cfg: Any, digests: dict[str, str] | None = None
+) -> list[Row]:
+    """Map `(source image path, label)` rows to `(cached crop path, label)` rows; `digests`, when
+    given, receives each crop's checked SHA-256 (crop path -> hex).
 
     Raises `StaleCacheError`, naming the `owdfa-bench prepare ...` command to run, when the cache
     is missing, was built with other settings (image size, crop mode, margin, alignment), a
@@ -744,6 +747,8 @@ def resolve_cached_rows(rows: list[Row], data_cfg: Any) -> list[Row]:
                 "without them."
             )
         log.warning("dropping %d unreadable images:\n  %s", len(unreadable), listing)
+    if digests is not None:
+        digests.update({str(cache / file): digest for file, digest in crops.items()})
     return out
 
 

@@ -579,6 +579,12 @@ def manifest_hash(params: Mapping[str, Any], files: Iterable[tuple[str, str]]) -
     return cache.settings_hash(body, compact=True)
 
 
+def manifest_digests(root: Path) -> dict[str, str]:
+    """image path -> SHA-256 of every PNG the manifest at `root` lists (checked on reuse)."""
+    files = (_read_manifest(root) or {}).get("files") or []
+    return {str(root / f["path"]): f["sha256"] for f in files}
+
+
 def _read_manifest(root: Path) -> dict[str, Any] | None:
     data = cache.read_json(root / MANIFEST_FILE)
     return data if data is not None and data.get("generator") == GENERATOR_NAME else None
