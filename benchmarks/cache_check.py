@@ -56,7 +56,7 @@ def copied_first_reuse(root: Path, params: synth.SynthParams) -> None:
 def variants(root: Path, params: synth.SynthParams) -> dict[str, Callable[[], object]]:
     return {
         "no file check (manifest only)": lambda: manifest_only(root, params),
-        "sizes (the check before this one)": lambda: sizes_only(root, params),
+        "names and sizes (the check before)": lambda: sizes_only(root, params),
         "fast path: stamps (default)": lambda: synth.cache_problem(root, params),
         "copied cache, first reuse (hash + re-stamp)": lambda: copied_first_reuse(root, params),
         "full hash (OWDFA_BENCH_CACHE_CHECK=full)": lambda: synth.cache_problem(
