@@ -8,9 +8,11 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 from test_report import make_record, write_record
 
 from owdfa_bench import cache
+from owdfa_bench.data import faces
 from owdfa_bench.data.datamodule import build_splits
 from owdfa_bench.data.digest import data_digest
 from owdfa_bench.data.splits import DataSplits
@@ -73,6 +75,23 @@ def test_synthetic_rows_take_their_digests_from_the_checked_manifest(make_cfg, m
     assert hashed == []  # no image read for the digest: the manifest's SHA-256 are used
     recomputed = DataSplits(splits.labelled, splits.unlabelled, splits.test, 0, [])
     assert splits.data_digest == data_digest(recomputed)  # what hashing the files gives
+
+
+def test_crop_rows_take_their_digests_from_the_checked_crop_manifest(
+    make_owdfa40_cfg, tmp_path, monkeypatch
+):
+    pytest.importorskip("dlib")
+    crops = tmp_path / "crops"
+    cfg = make_owdfa40_cfg("data.crop_face=true", f"data.cache_dir={crops}")
+    settings = faces.settings_from_config(cfg.data)
+    sources = faces.list_sources(cfg)
+    faces.prepare_face_cache(sources, cfg.data.root, crops, settings, progress=False)
+    hashed = counting_hashes(monkeypatch)
+    splits = build_splits(cfg.data, cfg.protocol)
+    assert hashed == []  # crops checked by their stamps, digests from the manifest
+    assert all(p.startswith(str(crops)) for p, _ in splits.test)
+    recomputed = DataSplits(splits.labelled, splits.unlabelled, splits.test, 0, [])
+    assert splits.data_digest == data_digest(recomputed)
 
 
 def test_the_aggregate_does_not_average_seeds_trained_on_different_data(tmp_path):
