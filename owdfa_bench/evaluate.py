@@ -160,6 +160,7 @@ def evaluate_checkpoint(
         counts={"test": len(splits.test)},
         data_warnings=splits.warnings,
         unreadable=splits.unreadable,
+        data_digest=splits.data_digest,
         eval_images_per_s=timing.rates()[1],
         **_summary(evaluation),
     )

@@ -14,9 +14,11 @@ is complete. Records and configs are written to a temporary beside them, fsynced
 a full disk leaves the previous file whole and no temporary behind.
 
 Schema versions: 2 added `resumed` (the checkpoints a run continued from) and made `wall_s` and
-the throughputs cover every segment of a resumed run; version 1 records read as before.
-`precision` (the Trainer's numeric precision, Lightning's name) came later within version 2: a
-record without it reads its config's `trainer.precision` (`run_precision`), else unknown.
+the throughputs cover every segment of a resumed run; version 1 records read as before. Added
+later within version 2: `precision` (the Trainer's numeric precision, Lightning's name; a record
+without it reads its config's `trainer.precision`, `run_precision`, else unknown) and
+`data_digest` (the content digest of the run's rows, `owdfa_bench/data/digest.py`; a record
+without it reads with None).
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class RunRecord:
     split_seed: int | None = None
     data: str | None = None
     synthetic: bool | None = None
+    # SHA-256 of the rows and their bytes: one config on other data gets another digest
+    data_digest: str | None = field(default=None, metadata=OMIT_WHEN_EMPTY)
     selection: str | None = None
     config_hash: str | None = None
     config: dict[str, Any] | None = None

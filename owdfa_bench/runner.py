@@ -543,6 +543,7 @@ def train_cell(
     the run folder once the Trainer's processes exist."""
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
     trained.splits = splits = build_splits(cfg.data, cfg.protocol)
+    record.data_digest = splits.data_digest
     max_epochs = max_epochs_of(cfg)
     problem = make_problem(cfg, splits, max_epochs)
     start = resolve_pretrained_start(cfg.data)

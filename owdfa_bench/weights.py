@@ -13,16 +13,35 @@ compute nodes typically have no internet, so there are three ways to give a run 
 
 Without any of them, the run stops with one line saying which weights are missing and these
 three ways (`MissingWeightsError`), not huggingface_hub's traceback.
+
+`fetch-weights` writes the SHA-256 beside the weights (`<name>.safetensors.sha256`, the format
+of `sha256sum`; copy it along). Every run that uses the cached file checks it against that
+digest: by its stamp (`owdfa_bench.cache`, no read), or by hashing it when the stamp misses (a
+copied file) or `OWDFA_BENCH_CACHE_CHECK=full` asks; a mismatch stops the run in one line naming
+the file. A cached file without a digest (fetched by an older version, or copied alone) gets one
+at its first use.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
-from owdfa_bench.cache import cache_base
+from owdfa_bench.cache import (
+    STAMPS_FILE,
+    atomic_path,
+    cache_base,
+    content_mismatches,
+    file_digest,
+    stamp_files,
+    write_bytes_atomic,
+)
 from owdfa_bench.errors import MissingWeightsError as MissingWeightsError  # its home is errors
+
+log = logging.getLogger(__name__)
 
 PAPER_BACKBONE = "resnet50.ram_in1k"
 
@@ -30,6 +49,43 @@ PAPER_BACKBONE = "resnet50.ram_in1k"
 def cached_weights_path(name: str) -> Path:
     """Where `fetch-weights` puts the weights of timm model `name`."""
     return cache_base() / "weights" / f"{name}.safetensors"
+
+
+def digest_file(weights: Path) -> Path:
+    """`<weights>.sha256`, beside the weights."""
+    return weights.with_name(weights.name + ".sha256")
+
+
+def record_digest(weights: Path) -> str:
+    """Hash `weights` once, write its digest file and stamp it; returns the SHA-256. A folder
+    that cannot be written (a shared read-only cache) is left as it is."""
+    digest = file_digest(weights)
+    try:
+        write_bytes_atomic(digest_file(weights), f"{digest}  {weights.name}\n".encode())
+        stamp_files(weights.parent, {weights.name: digest}, weights.parent / STAMPS_FILE)
+    except OSError as err:
+        log.debug("cannot record the SHA-256 of %s: %s", weights, err)
+    return digest
+
+
+def check_cached_weights(weights: Path, name: str) -> None:
+    """Raise MissingWeightsError (one line, naming the file) when the fetched `weights` are not
+    the bytes their digest file records; record a digest for a file without one."""
+    recorded = digest_file(weights)
+    if not recorded.exists():
+        log.info("%s: no %s yet (an older fetch, or copied alone); recording it", weights, recorded)
+        record_digest(weights)
+        return
+    words = recorded.read_text(errors="replace").split()
+    digest = words[0].lower() if words and re.fullmatch(r"[0-9a-fA-F]{64}", words[0]) else None
+    if digest is None or content_mismatches(
+        weights.parent, {weights.name: digest}, weights.parent / STAMPS_FILE
+    ):
+        raise MissingWeightsError(
+            f"data.backbone: the cached weights {weights} do not match the SHA-256 in "
+            f"{recorded.name} (damaged or replaced); run `owdfa-bench fetch-weights --name "
+            f"{name}` again, or copy both files again"
+        )
 
 
 def missing_weights_message(name: str, cause: BaseException) -> str:
@@ -45,12 +101,16 @@ def missing_weights_message(name: str, cause: BaseException) -> str:
 def resolve_backbone(backbone: dict[str, Any]) -> dict[str, Any]:
     """The backbone config with `weights` filled from the fetch-weights cache when it exists.
 
-    Only for `pretrained: true` without explicit `weights`; otherwise unchanged.
+    Only for `pretrained: true` without explicit `weights`; otherwise unchanged. The cached
+    file is checked against its digest file first (`check_cached_weights`).
     """
     if not backbone.get("pretrained") or backbone.get("weights"):
         return dict(backbone)
     cached = cached_weights_path(str(backbone["name"]))
-    return {**backbone, "weights": str(cached)} if cached.is_file() else dict(backbone)
+    if not cached.is_file():
+        return dict(backbone)
+    check_cached_weights(cached, str(backbone["name"]))
+    return {**backbone, "weights": str(cached)}
 
 
 def fetch_weights(name: str = PAPER_BACKBONE, dest: Path | None = None) -> Path:
@@ -58,14 +118,13 @@ def fetch_weights(name: str = PAPER_BACKBONE, dest: Path | None = None) -> Path:
     import timm
     from safetensors.torch import save_file
 
-    from owdfa_bench.cache import atomic_path
-
     model = timm.create_model(name, pretrained=True)
     dest = Path(dest) if dest else cached_weights_path(name)
     dest.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(dest) as tmp:
         save_file(state, str(tmp))
+    record_digest(dest)
     return dest
 
 
@@ -79,7 +138,7 @@ def cli_fetch_weights(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None, help="file (default: the cache)")
     args = parser.parse_args(argv)
     path = fetch_weights(args.name, args.out)
-    print(f"{args.name}: weights written to {path}")
+    print(f"{args.name}: weights written to {path} (SHA-256 in {digest_file(path).name})")
     if args.out:
         print(f"runs use them with data.backbone.weights={path}")
     return 0

@@ -71,6 +71,16 @@ def write_owdfa40_tree(
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory) -> Path:
+    """No test writes the user's cache (the synth set, the pretrained start, the digest index of
+    data folders): OWDFA_BENCH_CACHE points at a folder of the session; a test may set its own."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OWDFA_BENCH_CACHE", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def owdfa40_root(tmp_path_factory) -> Path:
     return write_owdfa40_tree(tmp_path_factory.mktemp("owdfa40"))

@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from filelock import Timeout
 
 from owdfa_bench import cache, pretrain
 from owdfa_bench.data import synth
+from owdfa_bench.errors import ConfigValueError
 from owdfa_bench.pretrain import PretrainSettings
 
 
@@ -229,3 +232,138 @@ def test_concurrent_builders_build_once(tmp_path):
     for thread in threads:
         thread.join()
     assert len(builds) == 1 and target.read_bytes() == b"built"
+
+
+# ---------------------------------------------------------------------------------------------
+# content checks
+
+
+def write_files(root: Path, contents: dict[str, bytes]) -> dict[str, str]:
+    """Write `contents` under `root`; their SHA-256 digests, as a builder lists them."""
+    for rel, data in contents.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return {rel: cache.content_sha256(data) for rel, data in contents.items()}
+
+
+def counting_hashes(monkeypatch) -> list[str]:
+    """Record every file the cache module hashes."""
+    hashed, real = [], cache.file_digest
+
+    def counted(path, algorithm="sha256"):
+        hashed.append(Path(path).name)
+        return real(path, algorithm)
+
+    monkeypatch.setattr(cache, "file_digest", counted)
+    return hashed
+
+
+@pytest.fixture
+def stamped(tmp_path) -> tuple[Path, dict[str, str]]:
+    """Three same-size files, listed and stamped when built."""
+    root = tmp_path / "c"
+    listed = write_files(root, {f"a/{i}.png": bytes([i]) * 64 for i in range(3)})
+    cache.stamp_files(root, listed, root / cache.STAMPS_FILE)
+    return root, listed
+
+
+def test_the_fast_path_reads_no_file(stamped, monkeypatch):
+    root, listed = stamped
+    hashed = counting_hashes(monkeypatch)
+    assert cache.content_mismatches(root, listed, root / cache.STAMPS_FILE) == []
+    assert hashed == []
+    assert cache.read_stamps(root / cache.STAMPS_FILE)["a/1.png"].digest == listed["a/1.png"]
+
+
+def test_a_same_size_rewrite_with_its_mtime_restored_is_caught(stamped, monkeypatch):
+    root, listed = stamped
+    victim = root / "a/1.png"
+    st = victim.stat()
+    victim.write_bytes(b"\xff" + victim.read_bytes()[1:])  # one byte flipped, same size
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime set back; ctime moves
+    hashed = counting_hashes(monkeypatch)
+    assert cache.content_mismatches(root, listed, root / cache.STAMPS_FILE) == ["a/1.png"]
+    assert sorted(hashed) == ["0.png", "1.png", "2.png"]  # one miss: every file is hashed
+
+
+def test_two_files_swapped_by_rename_are_caught(stamped):
+    root, listed = stamped
+    a, b, tmp = root / "a/0.png", root / "a/2.png", root / "a/swap"
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+    assert cache.content_mismatches(root, listed, root / cache.STAMPS_FILE) == [
+        "a/0.png",
+        "a/2.png",
+    ]
+    assert cache.content_mismatches(root, listed, root / "none.json") == ["a/0.png", "a/2.png"]
+
+
+def test_a_copied_folder_is_hashed_once_then_stamped(stamped, tmp_path, monkeypatch):
+    root, listed = stamped
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)  # mtimes kept, inodes and ctimes new: no stamp vouches
+    hashed = counting_hashes(monkeypatch)
+    assert cache.content_mismatches(copy, listed, copy / cache.STAMPS_FILE) == []
+    assert len(hashed) == 3
+    assert cache.content_mismatches(copy, listed, copy / cache.STAMPS_FILE) == []
+    assert len(hashed) == 3  # re-stamped: the second check reads nothing
+    (copy / "a/2.png").unlink()
+    assert cache.content_mismatches(copy, listed, copy / cache.STAMPS_FILE) == ["a/2.png"]
+
+
+def test_a_full_check_hashes_every_time_on_request(stamped, monkeypatch):
+    root, listed = stamped
+    hashed = counting_hashes(monkeypatch)
+    monkeypatch.setenv(cache.CHECK_ENV, "full")
+    assert cache.content_mismatches(root, listed, root / cache.STAMPS_FILE) == []
+    assert cache.content_mismatches(root, listed, root / cache.STAMPS_FILE) == []
+    assert len(hashed) == 6
+    monkeypatch.setenv(cache.CHECK_ENV, "always")
+    with pytest.raises(ConfigValueError, match="OWDFA_BENCH_CACHE_CHECK='always'") as err:
+        cache.full_check_requested()
+    assert "\n" not in str(err.value)
+
+
+def test_a_torn_stamps_file_costs_one_full_check(stamped, monkeypatch):
+    root, listed = stamped
+    stamps = root / cache.STAMPS_FILE
+    stamps.write_text(stamps.read_text()[:40])
+    hashed = counting_hashes(monkeypatch)
+    assert cache.content_mismatches(root, listed, stamps) == [] and len(hashed) == 3
+    assert set(cache.read_stamps(stamps)) == set(listed)
+    assert cache.read_stamps(stamps, "crc32") == {}  # stamps of another algorithm: none
+
+
+def test_file_digests_hash_only_what_no_stamp_vouches_for(tmp_path, monkeypatch):
+    root = tmp_path / "user-data"
+    listed = write_files(root, {"x/0.jpg": b"zero", "x/1.jpg": b"one"})
+    index = tmp_path / "index" / "stamps.json"
+    index.parent.mkdir()
+    hashed = counting_hashes(monkeypatch)
+    assert cache.file_digests(root, [*listed, "x/gone.jpg"], index) == {
+        **listed,
+        "x/gone.jpg": None,
+    }
+    assert sorted(hashed) == ["0.jpg", "1.jpg"]
+    (root / "x/1.jpg").write_bytes(b"ONE")
+    assert cache.file_digests(root, listed, index)["x/1.jpg"] == cache.content_sha256(b"ONE")
+    assert sorted(hashed) == ["0.jpg", "1.jpg", "1.jpg"]
+
+
+def test_crc32_digest_is_the_zip_checksum(tmp_path):
+    path = tmp_path / "member"
+    data = os.urandom((1 << 20) + 5)
+    path.write_bytes(data)
+    assert cache.file_digest(path, "crc32") == f"{zlib.crc32(data):08x}"
+
+
+def test_stamps_are_left_alone_in_a_folder_that_cannot_be_written(stamped, monkeypatch):
+    root, listed = stamped
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cache, "write_json_atomic", read_only)
+    (root / cache.STAMPS_FILE).unlink()
+    assert cache.content_mismatches(root, listed, root / cache.STAMPS_FILE) == []

@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,59 @@ def test_interrupted_extraction_resumes(tmp_path):
     assert [(r.skipped, r.written, r.kept) for r in results] == [(False, 2, 1)]
     assert (target / "b.png").read_bytes() == b"b" * 100
     assert not list(target.glob("*.partial"))
+
+
+def damage(path: Path) -> None:
+    """One byte of `path` inverted in place: same size, mtime set back."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_damaged_member_is_extracted_again(tmp_path):
+    members = {"a.png": b"a" * 100, "b.png": b"b" * 100, "c.png": b"c" * 100}
+    make_zip(tmp_path / "data" / "3_Swap_DeepFaceLab.zip", members)
+    target = tmp_path / "3_Swap_DeepFaceLab"
+    extract_release(tmp_path, progress=False)
+    marker = json.loads((target / download.MARKER_FILE).read_text())
+    assert marker["member_crc32"] == {n: f"{zlib.crc32(d):08x}" for n, d in members.items()}
+    assert download.damaged_members(target) == []
+    damage(target / "b.png")
+    assert download.damaged_members(target) == ["b.png"]
+    results = extract_release(tmp_path, progress=False)
+    assert [(r.skipped, r.written, r.kept) for r in results] == [(False, 1, 2)]
+    assert (target / "b.png").read_bytes() == members["b.png"]
+    assert [r.skipped for r in extract_release(tmp_path, progress=False)] == [True]
+
+
+def test_a_damaged_member_of_a_deleted_zip_fetches_the_zip_again(tmp_path, capsys):
+    for folder in class_folders():
+        make_zip(tmp_path / "data" / f"{folder}.zip", {"img_0.png": b"p" * 20})
+    args = ["--root", str(tmp_path), "--no-fetch", "--delete-zips", "--no-progress"]
+    assert cli_download(args) == 0
+    damage(tmp_path / "1_Swap_Deepfakes" / "img_0.png")
+    capsys.readouterr()
+    assert cli_download(args) == 1
+    err = capsys.readouterr().err
+    assert "1_Swap_Deepfakes: 1 files differ from their zip's CRC-32 (e.g. img_0.png)" in err
+    assert "42 zips: 0 extracted now, 41 already complete" in err
+    assert "1_Swap_Deepfakes.zip" not in download.extracted_without_zip(tmp_path)  # refetched
+
+
+def test_an_older_marker_gets_the_member_crcs_without_rewriting(tmp_path):
+    z = make_zip(tmp_path / "data" / "2_Swap_FaceSwap.zip", {"x.png": b"123", "y.png": b"45"})
+    target = tmp_path / "2_Swap_FaceSwap"
+    extract_zip(z, target)
+    marker_path = target / download.MARKER_FILE
+    marker = json.loads(marker_path.read_text())
+    del marker["member_crc32"]
+    marker_path.write_text(json.dumps(marker))
+    assert download.damaged_members(target) is None  # nothing known: checked again
+    results = extract_release(tmp_path, progress=False)
+    assert [(r.skipped, r.written, r.kept) for r in results] == [(False, 0, 2)]
+    assert download.damaged_members(target) == []
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import os
 import pickle
 import shutil
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from owdfa_bench import cache as cache_module
 from owdfa_bench.data import faces
 from owdfa_bench.data.faces import (
     CropSettings,
@@ -297,6 +300,69 @@ def test_resolve_cached_rows_maps_sources_and_detects_staleness(release):
     report = prepare_face_cache(sources, root, cache_dir_for(cfg), CropSettings(32), progress=False)
     assert report.processed == 1
     assert resolve_cached_rows(good, cfg) == rows
+
+
+def flip_a_byte(path: Path) -> None:
+    """One byte of `path` inverted in place: same size, same inode, mtime set back."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(st.st_size - 10)  # pixel data, not the header
+        byte = f.read(1)
+        f.seek(st.st_size - 10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@needs_dlib
+def test_a_flipped_byte_in_a_crop_stops_training_and_prepare_makes_it_again(release):
+    root, sources, cfg = release
+    cache = cache_dir_for(cfg)
+    prepare_face_cache(sources, root, cache, CropSettings(32), progress=False)
+    good = [(sources[0], 3), (sources[1], 5)]
+    rows = resolve_cached_rows(good, cfg)
+    crop = Path(rows[0][0])
+    digest = hashlib.sha256(crop.read_bytes()).hexdigest()
+    assert faces.read_manifest(cache)["1_Swap_Deepfakes/face.jpg"]["crop_sha256"] == digest
+    flip_a_byte(crop)
+    with pytest.raises(StaleCacheError, match="1 cached crops differ from their SHA-256") as err:
+        resolve_cached_rows(good, cfg)
+    assert str(crop) in str(err.value) and "owdfa-bench prepare" in str(err.value)
+    report = prepare_face_cache(sources, root, cache, CropSettings(32), progress=False)
+    assert (report.processed, report.up_to_date) == (1, 2)  # only the damaged crop, detected again
+    assert hashlib.sha256(crop.read_bytes()).hexdigest() == digest
+    assert resolve_cached_rows(good, cfg) == rows
+
+
+@needs_dlib
+def test_a_copied_crop_cache_is_hashed_once_and_an_older_one_gets_its_digests(
+    release, tmp_path, monkeypatch
+):
+    root, sources, cfg = release
+    prepare_face_cache(sources, root, cache_dir_for(cfg), CropSettings(32), progress=False)
+    copy = shutil.copytree(cache_dir_for(cfg), tmp_path / "copied-cache")
+    copied = {**cfg, "cache_dir": str(copy)}
+    good = [(sources[0], 3), (sources[1], 5)]
+    hashed, real = [], cache_module.file_digest
+    monkeypatch.setattr(cache_module, "file_digest", lambda *a: hashed.append(a) or real(*a))
+    assert [label for _, label in resolve_cached_rows(good, copied)] == [3, 5]
+    assert len(hashed) == 2
+    resolve_cached_rows(good, copied)
+    assert len(hashed) == 2  # stamped: not read again
+
+    # a manifest of before crop digests: training asks for prepare, which only hashes the crops
+    old_columns = [c for c in faces.MANIFEST_FIELDS if c != "crop_sha256"]
+    manifest = faces.read_manifest(copy)
+    with open(copy / faces.MANIFEST_FILE, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(manifest.values())
+    assert faces.read_manifest(copy)["1_Swap_Deepfakes/face.jpg"]["crop_sha256"] == ""
+    with pytest.raises(StaleCacheError, match="before crop digests were recorded"):
+        resolve_cached_rows(good, copied)
+    report = prepare_face_cache(sources, root, copy, CropSettings(32), progress=False)
+    assert (report.processed, report.up_to_date) == (0, 3)
+    assert faces.read_manifest(copy) == manifest
+    assert [label for _, label in resolve_cached_rows(good, copied)] == [3, 5]
 
 
 @needs_dlib

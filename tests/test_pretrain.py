@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from owdfa_bench import cache, pretrain
 from owdfa_bench.data import synth
 from owdfa_bench.data.corpus import CORPUS_INDEX_BASE, corpus_classes, render_corpus
 from owdfa_bench.data.sources import SynthPretrain
@@ -87,3 +90,25 @@ def test_runner_starts_from_the_cached_weights_and_records_them(make_cfg, tmp_pa
     assert start["weights_sha256"] and weights.is_file()
     from_scratch = run(make_cfg("method=lower_bound", f"output_root={tmp_path / 'scratch'}"))
     assert "pretrained_start" not in from_scratch
+
+
+def test_a_flipped_byte_in_the_cached_weights_is_caught_and_rebuilt(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "start"
+    first = ensure_pretrained(TINY, root)
+    weights = root / pretrain.WEIGHTS_FILE
+    hashed, real = [], cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda *a: hashed.append(a) or real(*a))
+    ensure_pretrained(TINY, root)
+    assert hashed == []  # reused on its stamp: the weights are not read
+    st = weights.stat()
+    with open(weights, "r+b") as f:  # one byte flipped in place: same size, same inode
+        f.seek(st.st_size // 2)
+        byte = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cache.file_digest(weights) != first["weights_sha256"]
+    caplog.set_level(logging.INFO, logger="owdfa_bench.pretrain")
+    rebuilt = ensure_pretrained(TINY, root)
+    assert "backbone.safetensors does not match the SHA-256 in the manifest" in caplog.text
+    assert cache.file_digest(weights) == rebuilt["weights_sha256"]

@@ -65,6 +65,7 @@ def test_same_config_and_seed_give_identical_metrics(make_owdfa40_cfg, tmp_path)
     b = run(make_owdfa40_cfg("method=upper_bound", f"output_root={tmp_path / 'b'}", "force=true"))
     assert a["metrics"] == b["metrics"]
     assert a["config_hash"] == b["config_hash"]  # the output folder is not part of the hash
+    assert a["data_digest"] == b["data_digest"] and len(a["data_digest"]) == 64
 
 
 def test_complete_cell_is_skipped_and_force_reruns(make_owdfa40_cfg, caplog):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from owdfa_bench import cache
 from owdfa_bench.data import synth
 from owdfa_bench.data import synth_render as sr
+from owdfa_bench.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"image_size": 32, "real_per_folder": 3, "fakes_per_class": 3, "strength": 1.0, "seed": 0}
@@ -125,13 +128,110 @@ def test_stale_generator_version_is_rebuilt(tmp_path, monkeypatch):
     assert manifest(root)["generator_version"] == synth.GENERATOR_VERSION
 
 
-def test_a_folder_that_is_not_a_synth_cache_is_never_replaced(tmp_path):
+def test_a_folder_that_is_not_a_synth_cache_is_never_replaced(tmp_path, tiny_root):
     precious = tmp_path / "my_data"
     precious.mkdir()
     (precious / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="not a synth cache"):
+    with pytest.raises(DataError, match="my_data/keep.txt, which the synthetic") as err:
         synth.ensure_synth_dataset(tiny_cfg(precious))
+    assert "\n" not in str(err.value)
     assert (precious / "keep.txt").read_text() == "user data"
+    # a synth cache with a torn manifest and a file of the user's in it: not replaced either
+    mixed = shutil.copytree(tiny_root, tmp_path / "mixed")
+    (mixed / "manifest.json").write_text("{")
+    (mixed / "1_Swap_Deepfakes" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="notes.txt"):
+        synth.ensure_synth_dataset(tiny_cfg(mixed))
+    assert (mixed / "1_Swap_Deepfakes" / "notes.txt").is_file()
+
+
+def png_digests(root: Path) -> dict[str, str]:
+    """SHA-256 of every PNG on disk under a synth cache."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.glob("*/*.png"))
+    }
+
+
+def counting_hashes(monkeypatch) -> list[str]:
+    hashed, real = [], cache.file_digest
+
+    def counted(path, algorithm="sha256"):
+        hashed.append(str(path))
+        return real(path, algorithm)
+
+    monkeypatch.setattr(cache, "file_digest", counted)
+    return hashed
+
+
+def never_rebuilt(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("an intact cache was rebuilt")
+
+    monkeypatch.setattr(synth, "generate_synth_dataset", refuse)
+
+
+def test_a_copied_cache_is_reused_after_one_hash(tiny_root, tmp_path, monkeypatch, caplog):
+    copy = shutil.copytree(tiny_root, tmp_path / "copy")  # new inodes and ctimes: no stamp holds
+    never_rebuilt(monkeypatch)
+    hashed = counting_hashes(monkeypatch)
+    caplog.set_level(logging.INFO, logger="owdfa_bench.data.synth")
+    assert synth.ensure_synth_dataset(tiny_cfg(copy)) == copy
+    assert sorted(hashed) == sorted(str(copy / p) for p in png_digests(tiny_root))  # once each
+    assert synth.ensure_synth_dataset(tiny_cfg(copy)) == copy
+    assert len(hashed) == manifest(tiny_root)["num_files"]  # re-stamped: read nothing again
+    assert caplog.text.count("reusing") == 2 and "building" not in caplog.text
+
+
+@pytest.mark.parametrize("how", ["rename", "copy keeping mtimes"])
+def test_images_swapped_between_classes_are_detected_and_rebuilt(tiny_root, tmp_path, how, caplog):
+    root = shutil.copytree(tiny_root, tmp_path / "cache")
+    synth.ensure_synth_dataset(tiny_cfg(root))  # checked once: stamped
+    original = png_digests(tiny_root)
+    a, b = "1_Swap_Deepfakes/00000.png", "2_Swap_FaceSwap/00000.png"
+    assert (root / a).stat().st_size == (root / b).stat().st_size and original[a] != original[b]
+    spare = tmp_path / "spare.png"
+    if how == "rename":
+        (root / a).rename(spare)
+        (root / b).rename(root / a)
+        spare.rename(root / b)
+    else:  # the same size, mtimes copied along: only ctime tells
+        shutil.copy2(root / a, spare)
+        shutil.copy2(root / b, root / a)
+        shutil.copy2(spare, root / b)
+    assert png_digests(root)[a] == original[b]
+    caplog.set_level(logging.INFO, logger="owdfa_bench.data.synth")
+    synth.ensure_synth_dataset(tiny_cfg(root))
+    assert "2 of 126 PNGs differ from the manifest's SHA-256" in caplog.text
+    assert png_digests(root) == original  # rebuilt: the same images as before the swap
+
+
+def test_a_torn_manifest_rebuilds_the_default_cache_in_one_line(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("OWDFA_BENCH_CACHE", str(tmp_path))
+    cfg = tiny_cfg(tmp_path) | {"root": None}  # data.root never set: the default cache
+    root = synth.ensure_synth_dataset(cfg)
+    assert root.parent == tmp_path
+    before = manifest(root)
+    text = (root / "manifest.json").read_text()
+    (root / "manifest.json").write_text(text[: len(text) // 2])  # killed mid-write
+    caplog.set_level(logging.INFO, logger="owdfa_bench.data.synth")
+    assert synth.ensure_synth_dataset(cfg) == root
+    assert manifest(root) == before
+    lines = [r.getMessage() for r in caplog.records if "manifest" in r.getMessage()]
+    assert len(lines) == 1 and "no readable synth manifest.json" in lines[0]
+    assert "data.root" not in caplog.text and not any(r.exc_info for r in caplog.records)
+
+
+def test_a_full_check_on_request_hashes_every_png(tiny_root, tmp_path, monkeypatch):
+    root = shutil.copytree(tiny_root, tmp_path / "full")
+    synth.ensure_synth_dataset(tiny_cfg(root))  # stamped
+    never_rebuilt(monkeypatch)
+    hashed = counting_hashes(monkeypatch)
+    synth.ensure_synth_dataset(tiny_cfg(root))
+    assert hashed == []
+    monkeypatch.setenv(cache.CHECK_ENV, "full")
+    synth.ensure_synth_dataset(tiny_cfg(root))
+    assert len(hashed) == manifest(root)["num_files"]
 
 
 def test_interrupted_generation_leaves_no_cache(tmp_path, monkeypatch):

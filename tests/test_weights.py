@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+
 import pytest
 import timm
 import torch
 
 from owdfa_bench.models import build_backbone
-from owdfa_bench.weights import MissingWeightsError, cached_weights_path, fetch_weights
+from owdfa_bench.weights import (
+    MissingWeightsError,
+    cached_weights_path,
+    digest_file,
+    fetch_weights,
+)
 
 
 @pytest.fixture
@@ -73,3 +82,33 @@ def test_cli_lists_fetch_weights():
     from owdfa_bench.cli import COMMANDS
 
     assert COMMANDS["fetch-weights"][0] == "owdfa_bench.weights"
+
+
+def test_cached_weights_are_checked_against_their_digest_file(offline, monkeypatch, caplog):
+    with monkeypatch.context() as patch:
+        fake_download(patch)
+        path = fetch_weights("resnet18")
+    recorded = digest_file(path)
+    digest = recorded.read_text().split()[0]
+    assert recorded.read_text() == f"{digest}  resnet18.safetensors\n"
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    build_backbone("resnet18", pretrained=True)  # intact: used
+
+    st = path.stat()
+    with open(path, "r+b") as f:  # one byte flipped in place: same size, mtime set back
+        f.seek(st.st_size // 2)
+        byte = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(MissingWeightsError, match="do not match the SHA-256") as err:
+        build_backbone("resnet18", pretrained=True)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    assert "owdfa-bench fetch-weights --name resnet18" in message
+
+    recorded.unlink()  # a file fetched before digests were written: recorded at first use
+    caplog.set_level(logging.INFO, logger="owdfa_bench.weights")
+    build_backbone("resnet18", pretrained=True)
+    assert recorded.is_file() and "recording it" in caplog.text
+    assert recorded.read_text().split()[0] == hashlib.sha256(path.read_bytes()).hexdigest()

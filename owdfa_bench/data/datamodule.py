@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from owdfa_bench.data.datasets import EvalRows, TrainRows, find_unreadable, weighted_sampler
+from owdfa_bench.data.digest import data_digest
 from owdfa_bench.data.resumable import ResumableSampler
 from owdfa_bench.data.splits import HIDDEN_LABEL, DataSplits, Row, check_splits
 from owdfa_bench.data.transforms import build_view
@@ -60,7 +61,8 @@ def build_splits(data_cfg: DictConfig, protocol_cfg: DictConfig) -> DataSplits:
     `data._target_` names the source class (owdfa_bench/data/sources.py); whatever it is, its
     rows pass the same disjointness check, face-crop mapping and readability check here. What
     the source raises about its files and rows (FileNotFoundError, ValueError) is a DataError,
-    and so is what the crop cache raises (stale, unreadable crops).
+    and so is what the crop cache raises (stale, unreadable crops). The splits carry the
+    content digest of their rows (`owdfa_bench.data.digest`), which the run's record keeps.
     """
     source = instantiate(data_cfg, _convert_="object")
     where = f"data={source.name} protocol={protocol_cfg.name}"
@@ -72,12 +74,14 @@ def build_splits(data_cfg: DictConfig, protocol_cfg: DictConfig) -> DataSplits:
 
         # the cache's errors: StaleCacheError, unreadable crops (RuntimeErrors), missing files
         with as_user_error(DataError, where, (RuntimeError, OSError, ValueError)):
-            splits.labelled = resolve_cached_rows(splits.labelled, data_cfg)
-            splits.unlabelled = resolve_cached_rows(splits.unlabelled, data_cfg)
-            splits.test = resolve_cached_rows(splits.test, data_cfg)
+            digests = splits.file_digests
+            splits.labelled = resolve_cached_rows(splits.labelled, data_cfg, digests)
+            splits.unlabelled = resolve_cached_rows(splits.unlabelled, data_cfg, digests)
+            splits.test = resolve_cached_rows(splits.test, data_cfg, digests)
     if source.verify_images:
         splits = drop_unreadable(splits, source.max_unreadable_fraction)
-    log.info(splits.counts())
+    splits.data_digest = data_digest(splits)
+    log.info("%s; data digest %s", splits.counts(), splits.data_digest[:12])
     return splits
 
 

@@ -8,9 +8,14 @@ does inside `data/` (`unzip "$z" -d "${z%.zip}"`), but one level up, so `DIR` is
 release root (predictor) and the folder of class folders that `data.root` names.
 
 Re-running is safe: a zip whose marker (`<folder>/.owdfa_extracted.json`, holding the zip's size,
-mtime and SHA-256) matches is skipped; an interrupted extraction resumes, rewriting only members
-whose file is missing or has the wrong size. Extraction refuses absolute member paths, paths that
-escape the target folder (zip-slip) and symbolic links, before writing anything.
+mtime and SHA-256 and the CRC-32 of every member) matches is skipped when its members are intact;
+an interrupted extraction resumes, rewriting only members that are missing or whose CRC-32 is not
+the zip's. Members are checked by content through `owdfa_bench.cache`: by their stamps (no read),
+or by hashing (CRC-32) every member of the folder when a stamp misses or
+`OWDFA_BENCH_CACHE_CHECK=full` asks. A damaged member is extracted again; when its zip was deleted
+(`--delete-zips`), the folder's marker is removed, so the next run fetches the zip again.
+Extraction refuses absolute member paths, paths that escape the target folder (zip-slip) and
+symbolic links, before writing anything.
 """
 
 from __future__ import annotations
@@ -22,14 +27,17 @@ import re
 import stat
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from owdfa_bench.cache import (
+    STAMPS_FILE,
     FileStamp,
     atomic_path,
+    content_mismatches,
     file_unchanged,
     read_json,
+    stamp_files,
     write_json_atomic,
 )
 from owdfa_bench.protocols import load_registry
@@ -39,6 +47,7 @@ PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 ALLOW_PATTERNS = ["data/*.zip", PREDICTOR_FILE]
 ZIP_DIR = "data"
 MARKER_FILE = ".owdfa_extracted.json"
+MEMBER_DIGEST = "crc32"  # what a zip records per member: checking it needs no hashing at unzip
 
 
 class UnsafeZipError(ValueError):
@@ -102,6 +111,22 @@ def target_dir(zip_path: str | os.PathLike, root: str | os.PathLike) -> Path:
     return Path(root) / Path(zip_path).stem
 
 
+def member_path(info: zipfile.ZipInfo) -> str:
+    """A member's path inside its target folder (POSIX separators)."""
+    return info.filename.replace("\\", "/")
+
+
+def damaged_members(target: str | os.PathLike) -> list[str] | None:
+    """The members of `target`'s marker that are missing or whose CRC-32 is not the zip's (by
+    stamp, or hashed: `cache.content_mismatches`); None when the marker lists none (written by
+    an older version, or no marker): then nothing is known about them."""
+    target = Path(target)
+    listed = (read_json(target / MARKER_FILE) or {}).get("member_crc32")
+    if not isinstance(listed, dict):
+        return None
+    return content_mismatches(target, listed, target / STAMPS_FILE, algorithm=MEMBER_DIGEST)
+
+
 def is_extracted(zip_path: str | os.PathLike, target: str | os.PathLike) -> bool:
     """True when `target`'s marker records this very zip (size + mtime, or else SHA-256)."""
     recorded = read_json(Path(target) / MARKER_FILE)
@@ -116,9 +141,10 @@ def is_extracted(zip_path: str | os.PathLike, target: str | os.PathLike) -> bool
 class ExtractResult:
     zip_name: str
     target: str
-    skipped: bool  # marker matched: nothing done
+    skipped: bool  # marker matched and members intact: nothing done
     written: int = 0  # members written now
-    kept: int = 0  # members already present with the right size (resumed extraction)
+    kept: int = 0  # members already present with the zip's CRC-32 (resumed extraction)
+    damaged: list[str] = field(default_factory=list)  # damaged members of a deleted zip
 
 
 def extract_zip(
@@ -126,20 +152,25 @@ def extract_zip(
 ) -> ExtractResult:
     """Extract `zip_path` into `target`, resuming, then write the marker.
 
-    Members are written to a temporary name and renamed, so a file of the right size is
-    complete. `on_bytes(n)` is called as bytes are written (progress bar).
+    Members are written to a temporary name and renamed, so a file under its name is complete;
+    one already there is kept when its CRC-32 is the zip's (zipfile checks the CRC-32 of what
+    it writes). `on_bytes(n)` is called as bytes are written (progress bar).
     """
     zip_path, target = Path(zip_path), Path(target)
     result = ExtractResult(zip_path.name, str(target), skipped=False)
     with zipfile.ZipFile(zip_path) as archive:
         members = checked_members(archive, target)
         target.mkdir(parents=True, exist_ok=True)
+        crcs = {member_path(i): f"{i.CRC:08x}" for i in members if not i.is_dir()}
+        stamps = target / STAMPS_FILE
+        bad = set(content_mismatches(target, crcs, stamps, algorithm=MEMBER_DIGEST))
+        written: dict[str, str] = {}
         for info in members:
-            dest = target / info.filename.replace("\\", "/")
+            dest = target / member_path(info)
             if info.is_dir():
                 dest.mkdir(parents=True, exist_ok=True)
                 continue
-            if dest.is_file() and dest.stat().st_size == info.file_size:
+            if member_path(info) not in bad:
                 result.kept += 1
                 if on_bytes:
                     on_bytes(info.file_size)
@@ -156,6 +187,8 @@ def extract_zip(
                     if on_bytes:
                         on_bytes(len(block))
             result.written += 1
+            written[member_path(info)] = crcs[member_path(info)]
+    stamp_files(target, written, stamps, algorithm=MEMBER_DIGEST)
     stamp = FileStamp.of(zip_path, "sha256")
     marker = {
         "zip": zip_path.name,
@@ -163,6 +196,7 @@ def extract_zip(
         "mtime_ns": stamp.mtime_ns,
         "sha256": stamp.digest,
         "members": len(members),
+        "member_crc32": crcs,
     }
     write_json_atomic(target / MARKER_FILE, marker, indent=2)
     return result
@@ -171,13 +205,15 @@ def extract_zip(
 def extract_release(
     root: str | os.PathLike, progress: bool = True, delete_zips: bool = False
 ) -> list[ExtractResult]:
-    """Extract every `root/data/*.zip` not yet extracted, with a rich progress bar over bytes."""
+    """Extract every `root/data/*.zip` not yet extracted or with damaged members (rewriting
+    only those), with a rich progress bar over bytes; check the folders of deleted zips too
+    (`check_without_zip`)."""
     root = Path(root)
     zips = sorted((root / ZIP_DIR).glob("*.zip"))
-    results, todo = [], []
+    results, todo = check_without_zip(root), []
     for z in zips:
         target = target_dir(z, root)
-        if is_extracted(z, target):
+        if is_extracted(z, target) and damaged_members(target) == []:
             results.append(ExtractResult(z.name, str(target), skipped=True))
         else:
             todo.append((z, target))
@@ -216,6 +252,19 @@ def extract_release(
         for z in zips:
             if is_extracted(z, target_dir(z, root)):
                 z.unlink()
+    return results
+
+
+def check_without_zip(root: str | os.PathLike) -> list[ExtractResult]:
+    """The folders whose zip was deleted after extraction, checked by content: an intact one is
+    skipped; a damaged one loses its marker, so the next `download` fetches its zip again."""
+    results = []
+    for name in extracted_without_zip(root):
+        target = target_dir(name, root)
+        damaged = damaged_members(target) or []
+        if damaged:
+            (target / MARKER_FILE).unlink()
+        results.append(ExtractResult(name, str(target), skipped=not damaged, damaged=damaged))
     return results
 
 
@@ -269,9 +318,20 @@ def cli_download(argv: list[str]) -> int:
         console.print(f"[red]error:[/red] {err}")
         return 1
     skipped = sum(r.skipped for r in results)
+    damaged = [r for r in results if r.damaged]
     console.print(
-        f"{len(results)} zips: {len(results) - skipped} extracted now, {skipped} already complete"
+        f"{len(results)} zips: {len(results) - skipped - len(damaged)} extracted now, "
+        f"{skipped} already complete"
     )
+    for r in damaged:
+        console.print(
+            f"[red]{r.target}: {len(r.damaged)} files differ from their zip's CRC-32 (e.g. "
+            f"{r.damaged[0]}) and {r.zip_name} was deleted; run `owdfa-bench download --root "
+            f"{root}` again to fetch it and extract them again[/red]",
+            soft_wrap=True,  # one line
+        )
+    if damaged:
+        return 1
     missing = missing_classes(root)
     if missing:
         console.print(

@@ -10,10 +10,15 @@ alignment branch is dead code, `align=False`).
 Here detection runs once per image in worker processes, and the crop is stored resized to
 `image_size` x `image_size` (PIL bilinear, the same operation as the final `Resize((s, s))` of the
 test and weak views) in a lossless file, with a manifest recording for each source its size,
-mtime and SHA-1, the crop box, whether a face was found and the cache file. Training then reads
-the small crop instead of decoding and detecting. The default cache format is uncompressed BMP
-(lossless, read by PIL with no loader change, ~4x cheaper to decode than PNG, 1.7x its size);
-`data.cache_format=png` trades decode time for disk. `benchmarks/README.md` has the measurements
+mtime and SHA-1, the crop box, whether a face was found, the cache file and its SHA-256. Training
+then reads the small crop instead of decoding and detecting. Each crop is hashed once, when
+written, and stamped (`owdfa_bench.cache`); training and `prepare` check every crop they use
+against the manifest's SHA-256 by its stamp, or by hashing all of them when a stamp misses (a
+copied cache) or `OWDFA_BENCH_CACHE_CHECK=full` asks. A damaged crop stops training with the
+file named and the `prepare` command, which redoes it; so does a source whose size or mtime
+changed. The default cache format is uncompressed BMP (lossless, read by PIL with no loader
+change, ~4x cheaper to decode than PNG, 1.7x its size); `data.cache_format=png` trades decode
+time for disk. `benchmarks/README.md` has the measurements
 behind that choice and the speed-up.
 
 Deliberate deviations from the reference:
@@ -48,11 +53,15 @@ import numpy as np
 from PIL import Image
 
 from owdfa_bench.cache import (
+    STAMPS_FILE,
     FileStamp,
     atomic_path,
     build_lock,
+    content_mismatches,
+    file_digest,
     read_json,
     stale_reason,
+    stamp_files,
     write_json_atomic,
 )
 from owdfa_bench.resources import conf_dir
@@ -90,6 +99,7 @@ MANIFEST_FIELDS = (
     "width",
     "height",
     "cache_file",
+    "crop_sha256",  # of the cache file; empty in manifests written before it was recorded
 )
 CONF_DIR = conf_dir()
 
@@ -317,16 +327,24 @@ def cache_file_for(key: str, cache_format: str = DEFAULT_CACHE_FORMAT) -> str:
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> dict[str, dict[str, str]]:
-    """key -> manifest entry; later lines win (prepare appends, then compacts)."""
+    """key -> manifest entry; later lines win (prepare appends, then compacts). A column an
+    older manifest lacks reads as ""."""
     path = Path(cache_dir) / MANIFEST_FILE
     entries: dict[str, dict[str, str]] = {}
     if not path.is_file():
         return entries
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if all(row.get(k) is not None for k in MANIFEST_FIELDS):  # skip a torn last line
-                entries[row["source"]] = row
+        reader = csv.DictReader(f)
+        columns = [k for k in MANIFEST_FIELDS if k in (reader.fieldnames or ())]
+        for row in reader:
+            if all(row.get(k) is not None for k in columns):  # skip a torn last line
+                entries[row["source"]] = {k: row.get(k) or "" for k in MANIFEST_FIELDS}
     return entries
+
+
+def _manifest_columns(cache_dir: Path) -> list[str]:
+    with open(cache_dir / MANIFEST_FILE, newline="") as f:
+        return next(csv.reader(f), [])
 
 
 def write_manifest(cache_dir: str | os.PathLike, entries: Iterable[dict]) -> None:
@@ -347,6 +365,21 @@ def _stat_matches(entry: dict, st: os.stat_result) -> bool:
     return FileStamp(int(entry["size"]), int(entry["mtime_ns"])).matches_stat(st)
 
 
+def _damaged_crops(cache: Path, entries: Sequence[dict[str, str]]) -> set[str]:
+    """The cache files of `entries` (status ok) that are missing or not the crop their manifest
+    entry's SHA-256 describes. A crop made before crop digests were recorded gets its SHA-256
+    now (entries are updated in place): it was trusted on its size before, and is from now on
+    checked by content."""
+    ok = [e for e in entries if e["status"] == "ok"]
+    older = [e for e in ok if not e["crop_sha256"] and (cache / e["cache_file"]).is_file()]
+    for entry in older:
+        entry["crop_sha256"] = file_digest(cache / entry["cache_file"])
+    if older:
+        log.info("face-crop cache %s: recorded the SHA-256 of %d older crops", cache, len(older))
+    listed = {e["cache_file"]: e["crop_sha256"] for e in ok}
+    return set(content_mismatches(cache, listed, cache / STAMPS_FILE))
+
+
 # --------------------------------------------------------------------------------------------
 # Prepare: detection once per image, in worker processes
 
@@ -363,7 +396,8 @@ def crop_to_cache(
     """Crop one source image into the cache; return its manifest entry.
 
     When the source's stat changed but its SHA-1 did not (a copy, a touch) and the crop exists,
-    only the stat is refreshed: no second detection.
+    only the stat is refreshed: no second detection. The caller passes no `previous` for a crop
+    found damaged, so it is made again.
     """
     cache_file = cache_file_for(key, settings.cache_format)
     out = os.path.join(cache_dir, cache_file)
@@ -391,8 +425,10 @@ def crop_to_cache(
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with atomic_path(out) as tmp:  # a killed prepare never leaves a half-written crop
         resize_square(crop, settings.image_size).save(tmp, **CACHE_FORMATS[settings.cache_format])
+        crop_sha256 = file_digest(tmp)  # hashed once, here; reuse compares stamps
     entry.update(
         status="ok",
+        crop_sha256=crop_sha256,
         face_found=str(int(found)),
         x0=box[0],
         y0=box[1],
@@ -541,22 +577,22 @@ def _prepare_locked(
         )
     write_json_atomic(cache / INFO_FILE, settings.info(), indent=2)
     manifest = read_manifest(cache)
+    if manifest and _manifest_columns(cache) != list(MANIFEST_FIELDS):
+        write_manifest(cache, manifest.values())  # an older layout: appended lines must match
     report = PrepareReport(str(cache), workers=max(1, workers))
-    keys, tasks = [], []
-    for source in dict.fromkeys(str(s) for s in sources):  # de-duplicated, order kept
-        key = source_key(source, root)
-        keys.append(key)
+    sources = list(dict.fromkeys(str(s) for s in sources))  # de-duplicated, order kept
+    keys = [source_key(source, root) for source in sources]
+    damaged = _damaged_crops(cache, [manifest[k] for k in keys if k in manifest])
+    tasks = []
+    for source, key in zip(sources, keys):
         previous = manifest.get(key)
+        if previous is not None and previous["cache_file"] in damaged:
+            previous = None  # made again, detection included
         try:
             st = os.stat(source)
         except OSError:
             st = None
-        if (
-            previous is not None
-            and st is not None
-            and _stat_matches(previous, st)
-            and (previous["status"] != "ok" or os.path.isfile(cache / previous["cache_file"]))
-        ):
+        if previous is not None and st is not None and _stat_matches(previous, st):
             report.up_to_date += 1
         else:
             tasks.append((source, key, previous))
@@ -577,16 +613,20 @@ def _prepare_locked(
         else:
             pool = multiprocessing.get_context().Pool(report.workers, _init_worker, init_args)
             results = pool.imap_unordered(_work, tasks, chunksize=max(1, chunksize))
+        made: dict[str, str] = {}  # cache file -> SHA-256 of the crops written or kept now
         try:
             for entry in _progress(results, len(tasks), progress):
                 writer.writerow(entry)  # appended as we go: an interrupted run resumes
                 manifest[entry["source"]] = entry
                 report.processed += 1
+                if entry["status"] == "ok":
+                    made[entry["cache_file"]] = entry["crop_sha256"]
         finally:
             if pool is not None:
                 pool.terminate()
                 pool.join()
             _WORKER.clear()
+            stamp_files(cache, made, cache / STAMPS_FILE)
     report.seconds = time.perf_counter() - start
     write_manifest(cache, manifest.values())
 
@@ -624,12 +664,17 @@ def _prepare_command(data_cfg: Any) -> str:
     return " ".join(parts)
 
 
-def resolve_cached_rows(rows: list[Row], data_cfg: Any) -> list[Row]:
-    """Map `(source image path, label)` rows to `(cached crop path, label)` rows.
+def resolve_cached_rows(
+    rows: list[Row], data_cfg: Any, digests: dict[str, str] | None = None
+) -> list[Row]:
+    """Map `(source image path, label)` rows to `(cached crop path, label)` rows; `digests`, when
+    given, receives each crop's checked SHA-256 (crop path -> hex).
 
     Raises `StaleCacheError`, naming the `owdfa-bench prepare ...` command to run, when the cache
-    is missing, was built with other settings (image size, crop mode, margin, alignment), or a
-    source is not in its manifest or changed since (size or mtime). Rows whose source was
+    is missing, was built with other settings (image size, crop mode, margin, alignment), a
+    source is not in its manifest or changed since (size or mtime), or a crop is missing or not
+    the content its manifest's SHA-256 says (by its stamp; all the rows' crops are hashed when a
+    stamp misses or $OWDFA_BENCH_CACHE_CHECK=full asks). Rows whose source was
     unreadable at prepare time are dropped with a warning when their fraction is at most
     `data.max_unreadable_fraction` (default 0: an error).
     """
@@ -649,7 +694,8 @@ def resolve_cached_rows(rows: list[Row], data_cfg: Any) -> list[Row]:
     manifest = read_manifest(cache)
     root = _cfg_get(data_cfg, "root")
     out: list[Row] = []
-    not_in_manifest, changed, unreadable, lost = [], [], [], []
+    not_in_manifest, changed, unreadable, lost, undigested = [], [], [], [], []
+    crops: dict[str, str] = {}  # cache file -> SHA-256 of the crops the rows use
     for path, label in rows:
         entry = manifest.get(source_key(path, root))
         if entry is None:
@@ -669,11 +715,17 @@ def resolve_cached_rows(rows: list[Row], data_cfg: Any) -> list[Row]:
         if not crop.is_file():
             lost.append(str(crop))
             continue
+        if not entry["crop_sha256"]:
+            undigested.append(str(crop))
+        crops[entry["cache_file"]] = entry["crop_sha256"]
         out.append((str(crop), label))
+    damaged = [] if undigested else content_mismatches(cache, crops, cache / STAMPS_FILE)
     problems = [
         (not_in_manifest, "not in the cache manifest"),
         (changed, "missing or changed since the cache was built"),
         (lost, "cached crop file missing"),
+        (undigested, "cached crops made before crop digests were recorded (prepare records them)"),
+        ([str(cache / c) for c in damaged], "cached crops differ from their SHA-256 (damaged)"),
     ]
     problems = [(paths, why) for paths, why in problems if paths]
     if problems:
@@ -695,6 +747,8 @@ def resolve_cached_rows(rows: list[Row], data_cfg: Any) -> list[Row]:
                 "without them."
             )
         log.warning("dropping %d unreadable images:\n  %s", len(unreadable), listing)
+    if digests is not None:
+        digests.update({str(cache / file): digest for file, digest in crops.items()})
     return out
 
 

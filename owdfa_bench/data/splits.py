@@ -35,6 +35,9 @@ class DataSplits:
     root: str = ""
     warnings: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    # SHA-256 of row files a cache has just checked (path -> hex), so they are not hashed again
+    file_digests: dict[str, str] = field(default_factory=dict)
+    data_digest: str | None = None  # of the rows and their bytes: owdfa_bench/data/digest.py
 
     @property
     def num_classes(self) -> int:

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = "1"
 GENERATOR_NAME = "owdfa-bench synth"
 MANIFEST_FILE = "manifest.json"
+_IMAGE_NAME = re.compile(r"\d{5}\.png")  # what render_jobs names its files
 FAMILY_ORDER = ("REAL", "S", "R", "E", "G")
 FAMILY_NAMES = {"REAL": "Real", "S": "Swap", "R": "Reenact", "E": "Edit", "G": "Generate"}
 
@@ -577,18 +579,45 @@ def manifest_hash(params: Mapping[str, Any], files: Iterable[tuple[str, str]]) -
     return cache.settings_hash(body, compact=True)
 
 
+def manifest_digests(root: Path) -> dict[str, str]:
+    """image path -> SHA-256 of every PNG the manifest at `root` lists (checked on reuse)."""
+    files = (_read_manifest(root) or {}).get("files") or []
+    return {str(root / f["path"]): f["sha256"] for f in files}
+
+
 def _read_manifest(root: Path) -> dict[str, Any] | None:
     data = cache.read_json(root / MANIFEST_FILE)
     return data if data is not None and data.get("generator") == GENERATOR_NAME else None
 
 
+def _foreign_entry(root: Path) -> Path | None:
+    """The first entry under `root` the generator does not write (class folders of numbered
+    PNGs, the manifest, the stamps); None when there is none, so the folder is a synth cache
+    even if its manifest is torn."""
+    folders = {f for c in load_registry() for f in c.folders}
+    for entry in sorted(root.iterdir()):
+        if entry.name in (MANIFEST_FILE, cache.STAMPS_FILE) and entry.is_file():
+            continue
+        if entry.name not in folders or not entry.is_dir():
+            return entry
+        for image in entry.iterdir():
+            if not (_IMAGE_NAME.fullmatch(image.name) and image.is_file()):
+                return image
+    return None
+
+
 def _check_replaceable(root: Path) -> None:
-    if root.exists() and (
-        not root.is_dir() or (any(root.iterdir()) and _read_manifest(root) is None)
-    ):
-        raise FileExistsError(
-            f"synth cache folder {root} exists and is not a synth cache (no synth manifest.json); "
-            "point data.root at an empty or new folder, or delete it yourself"
+    """Refuse (one line) to replace a folder that holds anything but a synth cache."""
+    if not root.exists() or (root.is_dir() and _read_manifest(root) is not None):
+        return
+    foreign = _foreign_entry(root) if root.is_dir() else root
+    if foreign is not None:
+        from owdfa_bench.errors import DataError  # imports Hydra: not in the render workers
+
+        raise DataError(
+            f"synth cache folder {root} holds {foreign.relative_to(root.parent)}, which the "
+            "synthetic generator does not write, so it is not replaced; delete that folder, or "
+            "set data.root to an empty or new folder"
         )
 
 
@@ -631,6 +660,8 @@ def generate_synth_dataset(
         else:
             rows = _render_in_subprocesses(tmp, params, jobs, workers)
         rows.sort()
+        # hashed once, from the bytes written; reuse compares stamps, not contents
+        cache.stamp_files(tmp, {p: h for p, h, _ in rows}, tmp / cache.STAMPS_FILE)
         manifest = {
             "generator": GENERATOR_NAME,
             "generator_version": GENERATOR_VERSION,
@@ -687,8 +718,14 @@ def default_cache_root(params: SynthParams) -> Path:
     return cache.cache_base() / f"synth-{params.short_hash()}"
 
 
-def cache_problem(root: Path, params: SynthParams) -> str | None:
-    """Why the cache at `root` cannot be reused for `params` (None if it can)."""
+def cache_problem(root: Path, params: SynthParams, *, full: bool | None = None) -> str | None:
+    """Why the cache at `root` cannot be reused for `params` (None if it can).
+
+    Its manifest must be readable, of this generator version and these parameters, and list
+    exactly the PNGs on disk; then every PNG is checked against the manifest's SHA-256
+    (`cache.content_mismatches`): by its stamp (no file read), or by hashing all of them when a
+    stamp misses (a copied or edited cache) or `full` ($OWDFA_BENCH_CACHE_CHECK=full) asks.
+    """
     if not root.exists() or (root.is_dir() and not any(root.iterdir())):
         return "no cache yet"
     manifest = _read_manifest(root)
@@ -703,7 +740,14 @@ def cache_problem(root: Path, params: SynthParams) -> str | None:
         "manifest_sha256"
     ):
         return "manifest_sha256 does not match its file list"
-    return cache.files_problem(root, {f["path"]: f["bytes"] for f in files}, "*/*.png")
+    problem = cache.listing_problem(root, (f["path"] for f in files), "*/*.png")
+    if problem is not None:
+        return problem
+    listed = {f["path"]: f["sha256"] for f in files}
+    bad = cache.content_mismatches(root, listed, root / cache.STAMPS_FILE, full=full)
+    if bad:
+        return f"{len(bad)} of {len(listed)} PNGs differ from the manifest's SHA-256, e.g. {bad[0]}"
+    return None
 
 
 def _check_budgets(data_cfg: Mapping[str, Any], params: SynthParams) -> None:
@@ -722,7 +766,9 @@ def _check_budgets(data_cfg: Mapping[str, Any], params: SynthParams) -> None:
 
 
 def ensure_synth_dataset(data_cfg: Mapping[str, Any]) -> Path:
-    """The synth cache folder for `data_cfg`, generated or rebuilt if it is missing or stale."""
+    """The synth cache folder for `data_cfg`, generated or rebuilt if it is missing, stale,
+    torn (an unreadable manifest) or damaged (a PNG whose content is not the manifest's: see
+    `cache_problem`); a rebuild is one log line naming the reason."""
     params = synth_params_from_config(data_cfg)
     _check_budgets(data_cfg, params)
     root_cfg = data_cfg.get("root")

@@ -45,6 +45,7 @@ RUN_FIELDS = [
     "split_seed",
     "data",
     "synthetic",
+    "data_digest",  # None in records written before it was recorded
     "selection",
     "selected_epoch",
     "epochs",

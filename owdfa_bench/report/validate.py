@@ -3,7 +3,8 @@
 Nothing is dropped silently: a run left out of the means (failed, unfinished, unreadable, or a
 second record of the same seed) gets its reason from `exclusion_reasons`, and `validate` lists
 it, with missing seeds, cells with fewer than three seeds, config differences beyond the seed,
-mixed data sets and mixed checkpoint rules, as `Issue`s for `issues.txt` and the terminal.
+seeds of one config trained on different bytes (their data digests differ), mixed data sets and
+mixed checkpoint rules, as `Issue`s for `issues.txt` and the terminal.
 """
 
 from __future__ import annotations
@@ -63,6 +64,35 @@ def _config_differences(configs: Iterable[dict | None], seeds: Iterable[Any]) ->
         if len(values) > 1:
             diffs.append(f"{key} ({' vs '.join(sorted(values))})")
     return diffs
+
+
+def _seeds_by_digest(runs: pd.DataFrame) -> str:
+    """ "<digest>: seeds ..." for each data digest of `runs` (12 hex digits shown)."""
+    parts = []
+    for digest, same in runs.dropna(subset=["data_digest"]).groupby("data_digest", sort=True):
+        seeds = ", ".join(str(s) for s in sorted(same["seed"].tolist()))
+        parts.append(f"{str(digest)[:12]}: seed(s) {seeds}")
+    return "; ".join(parts)
+
+
+def data_content_issues(complete: pd.DataFrame) -> list[Issue]:
+    """Cells whose seeds share a split seed (so the same rows) but not the data digest: the
+    same config trained on different bytes (a cache rebuilt, a data folder edited). Records
+    without a digest (older ones) are not compared."""
+    issues: list[Issue] = []
+    if "data_digest" not in complete:
+        return issues
+    for (*cell, split_seed), runs in complete.groupby([*CELL, "split_seed"], dropna=False):
+        if runs["data_digest"].dropna().nunique() > 1:
+            issues.append(
+                Issue(
+                    "mixed_data_content",
+                    f"{cell_name(*cell)}: seeds with split_seed {split_seed} were trained on "
+                    f"different data (data digest {_seeds_by_digest(runs)}); the mean mixes "
+                    "them: rerun those seeds (force=true) on one copy of the data",
+                )
+            )
+    return issues
 
 
 def validate(df: pd.DataFrame) -> list[Issue]:
@@ -173,6 +203,8 @@ def validate(df: pd.DataFrame) -> list[Issue]:
                         f"{', '.join(used)} and excludes {', '.join(others)}",
                     )
                 )
+
+    issues += data_content_issues(complete)
 
     named = df[df[[*CELL, "seed"]].notna().all(axis=1)]
     sweep_seeds = sorted(named["seed"].unique().tolist())
