@@ -110,6 +110,8 @@ class RunRecord:
     counts: dict[str, int] | None = field(default=None, metadata=RESULT)
     data_warnings: list[str] | None = field(default=None, metadata=RESULT)
     unreadable: list[str] | None = field(default=None, metadata=RESULT)
+    # crop_face: images, how many without a detected face (whole image kept), their share
+    face_crops: dict[str, Any] | None = field(default=None, metadata=OMIT_WHEN_EMPTY)
     # of an evaluated checkpoint (kind "evaluate")
     checkpoint: str | None = field(default=None, metadata=EVALUATION)
     checkpoint_sha256: str | None = field(default=None, metadata=EVALUATION)

@@ -635,6 +635,7 @@ def complete_record(record: RunRecord, trained: Trained, cfg: DictConfig, starte
         "test": len(splits.test),
     }
     record.data_warnings, record.unreadable = splits.warnings, splits.unreadable
+    record.face_crops = splits.face_crops
     record.train_images_per_s, record.eval_images_per_s = train_rate, eval_rate
     record.resumed = trained.resumed()
     record.wall_s = trained.wall_s(started)

@@ -411,3 +411,30 @@ def test_alignment_needs_and_uses_the_predictor(release):
     image = faces.read_bgr(portrait_path())
     chip, _, found = crop_face_bgr(image, faces.make_detector(), predictor)
     assert found and chip.shape == (faces.ALIGNED_CHIP_SIZE, faces.ALIGNED_CHIP_SIZE, 3)
+
+
+def test_a_cropped_run_records_its_dropped_images_and_its_share_without_a_face(
+    make_owdfa40_cfg, owdfa40_root, tmp_path
+):
+    """The record lists an image the crop cache could not read, and how many images dlib found
+    no face in (the tree's flat colour images: all of them, kept whole)."""
+    pytest.importorskip("dlib")
+    from owdfa_bench.runner import run
+
+    root = tmp_path / "data"
+    shutil.copytree(owdfa40_root, root)
+    broken = root / "1_Swap_Deepfakes" / "frames" / "000.png"
+    broken.write_bytes(b"not a png")
+    crops = tmp_path / "crops"
+    cfg = make_owdfa40_cfg(
+        f"data.root={root}",
+        "data.crop_face=true",
+        f"data.cache_dir={crops}",
+        "data.max_unreadable_fraction=0.05",
+    )
+    settings = faces.settings_from_config(cfg.data)
+    faces.prepare_face_cache(faces.list_sources(cfg), root, crops, settings, progress=False)
+    record = run(cfg)
+    assert record["unreadable"] == [str(broken)]
+    images = sum(record["counts"].values())
+    assert record["face_crops"] == {"images": images, "no_face": images, "no_face_share": 1.0}

@@ -51,7 +51,7 @@ def drop_unreadable(splits: DataSplits, max_fraction: float) -> DataSplits:
         keep(splits.unlabelled),
         keep(splits.test),
     )
-    splits.unreadable = bad
+    splits.unreadable = [*splits.unreadable, *bad]
     return splits
 
 
@@ -70,14 +70,22 @@ def build_splits(data_cfg: DictConfig, protocol_cfg: DictConfig) -> DataSplits:
         splits = source.splits(protocol_cfg)
     check_splits(splits, where)
     if source.crop_face:
-        from owdfa_bench.data.faces import resolve_cached_rows
+        from owdfa_bench.data.faces import CropCounts, resolve_cached_rows
 
         # the cache's errors: StaleCacheError, unreadable crops (RuntimeErrors), missing files
         with as_user_error(DataError, where, (RuntimeError, OSError, ValueError)):
-            digests = splits.file_digests
-            splits.labelled = resolve_cached_rows(splits.labelled, data_cfg, digests)
-            splits.unlabelled = resolve_cached_rows(splits.unlabelled, data_cfg, digests)
-            splits.test = resolve_cached_rows(splits.test, data_cfg, digests)
+            digests, counts = splits.file_digests, CropCounts()
+            splits.labelled = resolve_cached_rows(splits.labelled, data_cfg, digests, counts)
+            splits.unlabelled = resolve_cached_rows(splits.unlabelled, data_cfg, digests, counts)
+            splits.test = resolve_cached_rows(splits.test, data_cfg, digests, counts)
+        splits.unreadable = [*splits.unreadable, *counts.unreadable]
+        splits.face_crops = counts.summary()
+        log.info(
+            "face crops: %d images, %d (%s) without a detected face (whole image kept)",
+            counts.faces + counts.no_face,
+            counts.no_face,
+            f"{splits.face_crops['no_face_share'] or 0:.1%}",
+        )
     if source.verify_images:
         splits = drop_unreadable(splits, source.max_unreadable_fraction)
     splits.data_digest = data_digest(splits)

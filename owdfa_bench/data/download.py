@@ -347,6 +347,6 @@ def cli_download(argv: list[str]) -> int:
         )
     console.print(
         f"OWDFA-40 ready. Next:\n  owdfa-bench prepare data=owdfa40 data.root={root}\n"
-        f"  python run.py data=owdfa40 data.root={root} data.crop_face=true"
+        f"  python run.py data=owdfa40 data.root={root}"
     )
     return 0

@@ -664,11 +664,31 @@ def _prepare_command(data_cfg: Any) -> str:
     return " ".join(parts)
 
 
+@dataclass
+class CropCounts:
+    """What the crops of a run's rows are: how many hold a detected face, how many keep the
+    whole image (dlib found none), and the source images dropped as unreadable."""
+
+    faces: int = 0
+    no_face: int = 0
+    unreadable: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """For the record: the counts and the share of images without a detected face."""
+        images = self.faces + self.no_face
+        share = round(self.no_face / images, 4) if images else None
+        return {"images": images, "no_face": self.no_face, "no_face_share": share}
+
+
 def resolve_cached_rows(
-    rows: list[Row], data_cfg: Any, digests: dict[str, str] | None = None
+    rows: list[Row],
+    data_cfg: Any,
+    digests: dict[str, str] | None = None,
+    counts: CropCounts | None = None,
 ) -> list[Row]:
     """Map `(source image path, label)` rows to `(cached crop path, label)` rows; `digests`, when
-    given, receives each crop's checked SHA-256 (crop path -> hex).
+    given, receives each crop's checked SHA-256 (crop path -> hex), and `counts` the rows'
+    detected faces and dropped images.
 
     Raises `StaleCacheError`, naming the `owdfa-bench prepare ...` command to run, when the cache
     is missing, was built with other settings (image size, crop mode, margin, alignment), a
@@ -719,6 +739,11 @@ def resolve_cached_rows(
             undigested.append(str(crop))
         crops[entry["cache_file"]] = entry["crop_sha256"]
         out.append((str(crop), label))
+        if counts is not None:
+            if entry["face_found"] == "1":
+                counts.faces += 1
+            else:
+                counts.no_face += 1
     damaged = [] if undigested else content_mismatches(cache, crops, cache / STAMPS_FILE)
     problems = [
         (not_in_manifest, "not in the cache manifest"),
@@ -747,6 +772,8 @@ def resolve_cached_rows(
                 "without them."
             )
         log.warning("dropping %d unreadable images:\n  %s", len(unreadable), listing)
+        if counts is not None:
+            counts.unreadable.extend(unreadable)
     if digests is not None:
         digests.update({str(cache / file): digest for file, digest in crops.items()})
     return out

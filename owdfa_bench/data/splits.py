@@ -38,6 +38,8 @@ class DataSplits:
     # SHA-256 of row files a cache has just checked (path -> hex), so they are not hashed again
     file_digests: dict[str, str] = field(default_factory=dict)
     data_digest: str | None = None  # of the rows and their bytes: owdfa_bench/data/digest.py
+    # face crops (crop_face): images, those without a detected face, their share
+    face_crops: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
