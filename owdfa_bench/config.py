@@ -11,7 +11,8 @@ line naming the key, the value and what to do. No field has a default: the YAML 
 source of values.
 
 The shared keys of a method config (`method.epochs`, `method.batch_size`, `method.sampler`)
-are checked by `check_method`; the rest of a method config belongs to its class.
+are checked by `check_method`; the rest of a method config belongs to its class. A key nothing
+reads (one added with `+`) is refused by `owdfa_bench.config_keys`.
 """
 
 from __future__ import annotations
@@ -93,6 +94,19 @@ class TrainerConfig:
         "threads",
         "pin_memory",
         "progress_bar",
+    )
+    # Trainer arguments runner.build_trainer sets itself: a `+trainer.<key>` of these would be
+    # overridden; any other Trainer argument added with `+` is passed on (owdfa_bench.config_keys)
+    SET_BY_RUNNER: ClassVar[tuple[str, ...]] = (
+        "max_epochs",
+        "logger",
+        "callbacks",
+        "enable_progress_bar",
+        "default_root_dir",
+        "num_sanity_val_steps",
+        "enable_model_summary",
+        "use_distributed_sampler",
+        "plugins",
     )
 
     def __post_init__(self) -> None:
@@ -179,8 +193,11 @@ def check_method(method: DictConfig) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Every value of a composed config in range, or one ConfigValueError naming the first
-    that is not. Runs the schemas' `__post_init__` (types were checked at composition)."""
+    """Every key read and every value in range, or one ConfigValueError naming the first that
+    is not. Runs the schemas' `__post_init__` (types were checked at composition)."""
+    from owdfa_bench.config_keys import check_every_key_read
+
+    check_every_key_read(cfg)
     OmegaConf.to_object(cfg)
     check_method(cfg.method)
 

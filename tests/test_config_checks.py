@@ -91,3 +91,98 @@ def test_a_protocol_of_another_benchmark_is_refused(make_cfg):
     cfg = make_cfg("method=lower_bound", "protocol=owdfa23_p1")
     with pytest.raises(ValueError, match="protocol=owdfa23_p1 is a protocol of owdfa23, but"):
         build_splits(cfg.data, cfg.protocol)
+
+
+# ----------------------------------------------------------------------------- keys nothing reads
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "+method.lr=0.5",
+            "method.lr=0.5: nothing reads this key (not a key the harness reads from a method "
+            "config); did you mean method.optim.lr? e.g. method.optim.lr=0.5",
+        ),
+        ("+method.foo=1", "method.foo=1: nothing reads this key (not a key the harness reads"),
+        (
+            "+method.model.nosuch=1",
+            "method.model.nosuch=1: nothing reads this key (methods.lower_bound.LowerBound takes "
+            "no such argument); remove it; the keys read there: _target_, dropout",
+        ),
+        ("+method.model.dropuot=0.1", "did you mean method.model.dropout? e.g."),
+        ("+method.model.optim=1", "method.model.optim=1: nothing reads this key (methods."),
+        ("+method.optim.momentun=0.9", "conf/optimizers.yaml reads no such key); did you mean"),
+        ("+method.display.rank=1", "method.display.rank=1: nothing reads this key"),
+        ("+trainer.foo=1", "trainer.foo=1: nothing reads this key (neither a key of TrainerC"),
+        ("+trainer.gradient_clip=1", "did you mean trainer.gradient_clip_val?"),
+        ("+trainer.num_sanity_val_steps=2", "trainer.num_sanity_val_steps=2: nothing reads"),
+        ("+data.foo=1", "data.foo=1: nothing reads this key (not a key of SynthSource)"),
+        ("+data.budget.known=3", "data.budget.known=3: nothing reads this key (not a key of Sy"),
+        ("+data.pretrain.foo=1", "data.pretrain.foo=1: nothing reads this key (not a key of Syn"),
+        ("+k.foo=1", "k.foo=1: nothing reads this key (not a key of KConfig)"),
+        ("+protocol.foo=1", "protocol.foo=1: nothing reads this key (not a protocol key"),
+        ("+logger.foo=1", "logger.foo=1: nothing reads this key (not a logger key"),
+        (
+            "+seeds=1",
+            "seeds=1: nothing reads this key (not a key of RunConfig); did you mean seed?",
+        ),
+    ],
+)
+def test_a_key_nothing_reads_is_refused_naming_it_and_the_nearest_read_key(override, message):
+    """`+` adds any key: one that no object reads would leave the run as it was while its
+    record said otherwise."""
+    cfg = compose_config(["method=lower_bound", override])  # Hydra accepts every one
+    with pytest.raises(ConfigValueError) as err:
+        check_config(cfg)
+    text = str(err.value)
+    assert message in text and text.startswith(override.split("=")[0][1:]), text
+    assert "\n" not in text
+
+
+def test_the_nearest_key_is_the_same_name_nearest_in_the_tree_ties_all_named():
+    from owdfa_bench.config_keys import nearest_keys
+
+    read = {"method.optim.lr", "method.reference_optim.lr", "data.pretrain.lr", "method.epochs"}
+    assert nearest_keys("method.lr", read) == ["method.optim.lr"]
+    assert nearest_keys("pretrain.lr", read) == ["method.optim.lr"]  # none shares a start
+    read |= {"method.model.gamma", "method.optim.gamma"}
+    assert nearest_keys("method.gamma", read) == ["method.model.gamma", "method.optim.gamma"]
+    assert nearest_keys("method.epoch", read) == ["method.epochs"]  # difflib
+    assert nearest_keys("method.foo", read | {"method"}) == []  # never the node above
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["+trainer.gradient_clip_val=1.0"],  # a Lightning Trainer argument, passed on
+        ["+data.backbone.drop_rate=0.1"],  # timm.create_model's
+        ["+method.optim.momentum=0.5"],  # read by the sgd entry of conf/optimizers.yaml
+        ["+method.foo=1", "method.model.dropout=${method.foo}"],  # read by an interpolation
+        ["method=orca", "method.optim=${method.reference_optim}"],  # the recipe its YAML shows
+        ["logger=wandb"],  # logger.project, .entity, .mode: read by interpolations
+    ],
+)
+def test_a_key_something_reads_passes(overrides):
+    check_config(compose_config(["method=lower_bound", *overrides]))
+
+
+def test_every_shipped_method_and_recipe_reads_every_key():
+    from owdfa_bench.runner import apply_recipe
+
+    for path in sorted((Path(__file__).parent.parent / "conf" / "method").glob("*.yaml")):
+        cfg = compose_config([f"method={path.stem}"])
+        check_config(cfg)
+        for recipe in cfg.method.get("recipes") or {}:
+            check_config(
+                apply_recipe(compose_config([f"method={path.stem}", f"method.recipe={recipe}"]))
+            )
+
+
+def test_the_trainer_arguments_the_runner_sets_are_those_it_refuses(make_cfg, monkeypatch):
+    """A `+trainer.<argument>` the runner also sets would be overridden without a word."""
+    from owdfa_bench import runner
+    from owdfa_bench.config import TrainerConfig
+
+    passed = {}
+    monkeypatch.setattr(runner, "instantiate", lambda config, **kwargs: passed.update(kwargs))
+    runner.build_trainer(make_cfg().trainer, Path("unused"), 1)
+    assert set(passed) == set(TrainerConfig.SET_BY_RUNNER)

@@ -68,6 +68,15 @@ def test_a_bad_value_is_one_line_and_its_traceback_is_in_train_log(tmp_path):
     assert full.returncode == 1 and "Traceback (most recent call last)" in full.stderr
 
 
+def test_a_key_nothing_reads_is_one_line_before_anything_runs(tmp_path):
+    """Hydra itself recommends `+method.foo=1` for `method.foo=1`; the run refuses it."""
+    args = ("run.py", "+method.lr=0.5", "logger=none", f"output_root={tmp_path}")
+    line = one_error_line(command(*args))
+    assert "method.lr=0.5: nothing reads this key" in line
+    assert "did you mean method.optim.lr? e.g. method.optim.lr=0.5" in line
+    assert not list(tmp_path.rglob("results.json"))
+
+
 def test_a_missing_data_root_is_one_line(tmp_path):
     result = command(
         "run.py",

@@ -33,6 +33,8 @@ SYNTH_MIN_IMAGE_SIZE = 32  # the renderer's faces and 8-pixel decoder grids need
 class Backbone:
     """`data.backbone`: the timm model every method's encoder is built from."""
 
+    # other keys (`+data.backbone.drop_path_rate=0.1`) are arguments of the timm model
+    EXTRA_KEYS_READER: ClassVar[str] = "timm.create_model (owdfa_bench.models.build_backbone)"
     name: str
     pretrained: bool  # timm's ImageNet weights, downloaded once through huggingface_hub
 
