@@ -51,10 +51,12 @@ def one_of(key: str, value: Any, options: Iterable[Any]) -> None:
         fail(key, value, f"must be one of {listed}", options[0])
 
 
-def batch_limit(key: str, value: Any) -> None:
-    """Lightning's `limit_*_batches`: null (all), a batch count >= 0 or a fraction in [0, 1]."""
-    if value is None or (is_int(value) and value >= 0):
+def batch_limit(key: str, value: Any, if_zero: str) -> None:
+    """Lightning's `limit_*_batches`: null (all), a batch count >= 1 or a fraction in (0, 1];
+    `if_zero` says what none would do."""
+    if value is None or (is_int(value) and value >= 1):
         return
-    if isinstance(value, float) and 0.0 <= value <= 1.0:
+    if isinstance(value, float) and 0.0 < value <= 1.0:
         return
-    fail(key, value, "must be null (all), a batch count >= 0 or a fraction in [0, 1]", 2)
+    need = f"must be null (all), a batch count >= 1 or a fraction in (0, 1] (with 0 {if_zero})"
+    fail(key, value, need, 2)

@@ -26,8 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from owdfa_bench.checks import (
     ConfigValueError,
     batch_limit,
+    fail,
     integer_at_least,
     is_int,
+    number_at_least,
     one_of,
 )
 
@@ -35,6 +37,20 @@ SELECTIONS = ("last", "best_on_test")
 K_MODES = ("known", "unknown")
 SAMPLERS = ("weighted", "alternating")
 MAX_SEED = 2**32 - 1  # numpy and Lightning seeds are unsigned 32-bit
+# key, lowest, why, example
+SHARED_METHOD_INTEGERS = (
+    ("epochs", 1, "", 50),
+    # a batch of one row fails in BatchNorm, which every method's backbone trains
+    ("batch_size", 2, ": BatchNorm trains on 2 rows a batch at least", 128),
+)
+# the numbers of an optim block (conf/optimizers.yaml): key -> (lowest, strictly above it, example)
+OPTIM_NUMBERS = {
+    "lr": (0.0, True, 2.0e-4),
+    "weight_decay": (0.0, False, 1.0e-3),
+    "momentum": (0.0, False, 0.9),
+    "gamma": (0.0, True, 0.1),
+    "eta_min_ratio": (0.0, False, 1.0e-3),
+}
 
 
 @dataclass(kw_only=True)
@@ -112,8 +128,11 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         integer_at_least("trainer.num_nodes", self.num_nodes, 1, 1)
         integer_at_least("trainer.max_epochs", self.max_epochs, 1, 2, optional=True)
-        batch_limit("trainer.limit_train_batches", self.limit_train_batches)
-        batch_limit("trainer.limit_val_batches", self.limit_val_batches)
+        batch_limit("trainer.limit_train_batches", self.limit_train_batches, "nothing would train")
+        # every epoch's evaluation is what the record reports
+        batch_limit(
+            "trainer.limit_val_batches", self.limit_val_batches, "nothing would be evaluated"
+        )
         integer_at_least("trainer.log_every_n_steps", self.log_every_n_steps, 1, 10)
         integer_at_least("trainer.num_workers", self.num_workers, 0, 0)
         integer_at_least("trainer.threads", self.threads, 0, 1, optional=True)
@@ -182,14 +201,37 @@ register_configs()
 def check_method(method: DictConfig) -> None:
     """The keys every method config shares (the runner and datamodule read them)."""
     name = method.get("name")
-    for key, low, example in (("epochs", 1, 50), ("batch_size", 1, 128)):
+    for key, low, why, example in SHARED_METHOD_INTEGERS:
         value = method.get(key)
         if not is_int(value) or value < low:
             raise ConfigValueError(
-                f"method.{key}={value!r}: must be an integer >= {low} (method={name}); "
+                f"method.{key}={value!r}: must be an integer >= {low} (method={name}){why}; "
                 f"e.g. method.{key}={example}"
             )
     one_of("method.sampler", method.get("sampler"), SAMPLERS)
+    check_optim(method.optim)
+
+
+def check_optim(optim: DictConfig, key: str = "method.optim") -> None:
+    """An optim block names an optimiser and a scheduler of conf/optimizers.yaml, and its numbers
+    are in range (its `unset` values stand in for the keys the block lacks)."""
+    from owdfa_bench.method import optimizer_registry
+
+    registry = optimizer_registry()
+    values = {
+        **OmegaConf.to_container(registry.unset),
+        **OmegaConf.to_container(optim, resolve=True),
+    }
+    # build_optimizer's reading: the optimiser's name in any case, no scheduler as "none"
+    chosen = {"name": str(values["name"]).lower(), "scheduler": str(values["scheduler"] or "none")}
+    for name, entries in (("name", registry.optimizers), ("scheduler", registry.schedulers)):
+        if chosen[name] not in entries:
+            offered = sorted(entries)
+            need = f"conf/optimizers.yaml offers {', '.join(offered)}"
+            fail(f"{key}.{name}", values[name], need, offered[0])
+    for name, (low, strict, example) in OPTIM_NUMBERS.items():
+        number_at_least(f"{key}.{name}", values[name], low, example, strict=strict)
+    integer_at_least(f"{key}.step_size", values["step_size"], 1, 10)
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -35,13 +35,29 @@ def test_a_misspelt_key_fails_at_composition():
         ("seed=-1", "seed=-1: must be an integer >= 0; e.g. seed=2025"),
         ("seed=4294967296", "seed=4294967296: must be at most 4294967295; e.g. seed=2025"),
         ("selection=best", "selection='best': must be one of last, best_on_test;"),
-        ("method.batch_size=0", "method.batch_size=0: must be an integer >= 1 (method=cal);"),
+        ("method.batch_size=0", "method.batch_size=0: must be an integer >= 2 (method=cal)"),
+        ("method.batch_size=1", "method.batch_size=1: must be an integer >= 2 (method=cal): Bat"),
         ("method.epochs=0", "method.epochs=0: must be an integer >= 1 (method=cal);"),
         ("method.sampler=random", "method.sampler='random': must be one of weighted,"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0: must be an integer >= 1 or null;"),
         ("trainer.threads=-1", "trainer.threads=-1: must be an integer >= 0 or null;"),
         ("trainer.num_workers=-2", "trainer.num_workers=-2: must be an integer >= 0;"),
         ("trainer.limit_val_batches=1.5", "trainer.limit_val_batches=1.5: must be null (all)"),
+        (
+            "trainer.limit_train_batches=0",
+            "trainer.limit_train_batches=0: must be null (all), a batch count >= 1 or a fraction "
+            "in (0, 1] (with 0 nothing would train);",
+        ),
+        ("trainer.limit_val_batches=0.0", "trainer.limit_val_batches=0.0: must be null (all), a"),
+        ("method.optim.lr=-1", "method.optim.lr=-1: must be a finite number > 0.0;"),
+        ("method.optim.lr=0", "method.optim.lr=0: must be a finite number > 0.0;"),
+        (
+            "method.optim.name=nosuch",
+            "method.optim.name='nosuch': conf/optimizers.yaml offers adam, adamw, sgd;",
+        ),
+        ("method.optim.scheduler=cos", "method.optim.scheduler='cos': conf/optimizers.yaml offe"),
+        ("method.optim.weight_decay=-0.1", "method.optim.weight_decay=-0.1: must be a finite nu"),
+        ("method.optim.step_size=0", "method.optim.step_size=0: must be an integer >= 1;"),
         ("k=unknown k.estimate=0", "k.estimate=0: must be an integer >= 1 or null;"),
         ("data.image_size=-1", "data.image_size=-1: must be an integer >= 8;"),
         ("data.image_size=36", "data.image_size=36: data=synth renders a multiple of 8"),
@@ -61,6 +77,12 @@ def test_a_value_out_of_range_fails_with_one_line_naming_it(override, message):
     text = str(err.value)
     assert text.startswith(message), text
     assert "\n" not in text and "; e.g. " in text  # one line, ending in what to set
+
+
+def test_an_optimiser_name_in_any_case_and_no_scheduler_pass():
+    """As build_optimizer reads them."""
+    check_config(compose_config(["method=cal", "method.optim.name=SGD"]))
+    check_config(compose_config(["method=cal", "method.optim.scheduler=null"]))
 
 
 def test_real_data_allows_any_image_size_from_8():

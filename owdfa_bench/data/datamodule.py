@@ -136,9 +136,10 @@ class OWDFADataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
-        # The references keep a short last batch; one of size 1 would crash BatchNorm in training.
-        drop_last = len(dataset) % self.batch_size == 1
         self.train_sampler = self.resumable_train_sampler(dataset)
+        # The references keep a short last batch; one of size 1 would crash BatchNorm in training.
+        # Counted in this rank's draws: under DDP each rank has its share of the rows.
+        drop_last = len(self.train_sampler) % self.batch_size == 1
         if self._sampler_resume is not None:  # set by the checkpoint being resumed from
             with as_user_error(CheckpointError, "the checkpoint's train sampler", (ValueError,)):
                 self.train_sampler.resume(*self._sampler_resume)
