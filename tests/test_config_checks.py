@@ -61,8 +61,11 @@ def test_a_misspelt_key_fails_at_composition():
         ("k=unknown k.estimate=0", "k.estimate=0: must be an integer >= 1 or null;"),
         ("data.image_size=-1", "data.image_size=-1: must be an integer >= 8;"),
         ("data.image_size=36", "data.image_size=36: data=synth renders a multiple of 8"),
-        ("data.test_ratio=1.5", "data.test_ratio=1.5: must be a fraction in [0, 1];"),
+        ("data.test_ratio=1.5", "data.test_ratio=1.5: must be a fraction in (0, 1);"),
+        ("data.test_ratio=0", "data.test_ratio=0.0: must be a fraction in (0, 1): 0 leaves no te"),
+        ("data.test_ratio=1", "data.test_ratio=1.0: must be a fraction in (0, 1): 1 leaves no tr"),
         ("data.labelled_fraction=-0.1", "data.labelled_fraction=-0.1: must be a fraction in"),
+        ("data.labelled_fraction=0", "data.labelled_fraction=0.0: must be a fraction in (0, 1]: 0"),
         ("data.max_unreadable_fraction=2", "data.max_unreadable_fraction=2.0: must be a fraction"),
         ("data.budgets.known=0", "data.budgets.known=0: must be an integer >= 1;"),
         ("data.pretrain.batch_size=1", "data.pretrain.batch_size=1: must be an integer >= 2;"),
@@ -105,6 +108,19 @@ def test_run_refuses_a_bad_value_before_writing_anything(make_cfg):
     with pytest.raises(ConfigValueError, match="method.batch_size=0"):
         run(cfg)
     assert not Path(cfg.run_dir).exists()
+
+
+def test_splits_that_leave_a_split_empty_are_refused_before_training(make_cfg):
+    """A labelled fraction above 0 may still draw no row of a small set: counted once split."""
+    from owdfa_bench.data.datamodule import build_splits
+    from owdfa_bench.errors import DataError
+
+    cfg = make_cfg("method=lower_bound", "data.labelled_fraction=0.01")
+    with pytest.raises(DataError) as err:
+        build_splits(cfg.data, cfg.protocol)
+    text = str(err.value)
+    assert text.startswith("the splits of data=synth protocol=p1 leave no row in the labelled ")
+    assert "data.labelled_fraction=0.01 (the labelled share" in text and "\n" not in text
 
 
 def test_a_protocol_of_another_benchmark_is_refused(make_cfg):

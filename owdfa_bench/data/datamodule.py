@@ -18,7 +18,13 @@ from torch.utils.data import DataLoader
 
 from owdfa_bench.data.datasets import EvalRows, TrainRows, find_unreadable, weighted_sampler
 from owdfa_bench.data.resumable import ResumableSampler
-from owdfa_bench.data.splits import HIDDEN_LABEL, DataSplits, Row, check_splits
+from owdfa_bench.data.splits import (
+    HIDDEN_LABEL,
+    DataSplits,
+    Row,
+    check_nothing_empty,
+    check_splits,
+)
 from owdfa_bench.data.transforms import build_view
 from owdfa_bench.errors import CheckpointError, DataError, as_user_error
 
@@ -67,6 +73,7 @@ def build_splits(data_cfg: DictConfig, protocol_cfg: DictConfig) -> DataSplits:
     with as_user_error(DataError, where):
         splits = source.splits(protocol_cfg)
     check_splits(splits, where)
+    check_nothing_empty(splits, where, source.split_settings())
     if source.crop_face:
         from owdfa_bench.data.faces import resolve_cached_rows
 

@@ -69,6 +69,10 @@ class DataSource:
         """The rows of `protocol` (a `conf/protocol/*.yaml` node), labels known classes first."""
         raise NotImplementedError
 
+    def split_settings(self) -> str:
+        """What sizes the splits, for a message about an empty one."""
+        raise NotImplementedError
+
     def check_protocol(self, protocol: Mapping[str, Any]) -> None:
         benchmark = protocol.get("benchmark")
         if benchmark != self.benchmark:
@@ -90,13 +94,21 @@ class FolderSplitsSource(DataSource):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        fraction("data.test_ratio", self.test_ratio, 0.2)
-        fraction("data.labelled_fraction", self.labelled_fraction, 0.75)
+        fraction("data.test_ratio", self.test_ratio, 0.2, zero="no test row", one="no training row")
+        fraction("data.labelled_fraction", self.labelled_fraction, 0.75, zero="no labelled row")
         for key, value in dataclasses.asdict(self.budgets).items():
             integer_at_least(f"data.budgets.{key}", value, 1, 100)
 
     def data_root(self) -> str:
         raise NotImplementedError
+
+    def split_settings(self) -> str:
+        budgets = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.budgets).items())
+        return (
+            f"data.test_ratio={self.test_ratio} (each class's test share), "
+            f"data.labelled_fraction={self.labelled_fraction} (the labelled share of known-class "
+            f"training rows) or data.budgets ({budgets} images a class)"
+        )
 
     def splits(self, protocol: Mapping[str, Any]) -> DataSplits:
         from owdfa_bench.data.owdfa40 import build_owdfa40_splits
@@ -237,6 +249,9 @@ class Owdfa23Source(FaceCropSettings, DataSource):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_crop_settings()
+
+    def split_settings(self) -> str:
+        return "the protocol's meta CSV (data.meta_dir, else data.root/meta_data)"
 
     def splits(self, protocol: Mapping[str, Any]) -> DataSplits:
         from owdfa_bench.data.owdfa23 import build_owdfa23_splits, resolve_meta_dir
