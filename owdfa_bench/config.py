@@ -149,6 +149,26 @@ class KConfig:
     def __post_init__(self) -> None:
         one_of("k.name", self.name, K_MODES)
         integer_at_least("k.estimate", self.estimate, 1, 41, optional=True)
+        if self.name == "known" and self.estimate is not None:  # heads use the true K then
+            fail("k.estimate", self.estimate, "is read only under k=unknown", "null")
+
+
+def check_k_estimate(estimate: int | None, num_known: int, num_unlabelled: int) -> None:
+    """`k.estimate`, a total number of classes, against the split data: at least the known
+    classes, at most one novel class more per unlabelled training row (a class no row is of
+    cannot be found; GCD's SS-k-means has the same cap, and the heads and the evaluation's
+    square matrix are sized by it)."""
+    if estimate is None:
+        return
+    if estimate < num_known:
+        fail("k.estimate", estimate, f"must be at least {num_known}, the known classes", "null")
+    ceiling = num_known + num_unlabelled
+    if estimate > ceiling:
+        need = (
+            f"must be at most {ceiling}: the {num_known} known classes and one novel class per "
+            f"unlabelled training row ({num_unlabelled}), as a class no row is of cannot be found"
+        )
+        fail("k.estimate", estimate, need, "null")
 
 
 def epoch_share(value: int, of: int, epochs: int) -> int:

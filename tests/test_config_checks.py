@@ -59,6 +59,7 @@ def test_a_misspelt_key_fails_at_composition():
         ("method.optim.weight_decay=-0.1", "method.optim.weight_decay=-0.1: must be a finite nu"),
         ("method.optim.step_size=0", "method.optim.step_size=0: must be an integer >= 1;"),
         ("k=unknown k.estimate=0", "k.estimate=0: must be an integer >= 1 or null;"),
+        ("k.estimate=30", "k.estimate=30: is read only under k=unknown;"),
         ("data.image_size=-1", "data.image_size=-1: must be an integer >= 8;"),
         ("data.image_size=36", "data.image_size=36: data=synth renders a multiple of 8"),
         ("data.test_ratio=1.5", "data.test_ratio=1.5: must be a fraction in (0, 1);"),
@@ -121,6 +122,28 @@ def test_splits_that_leave_a_split_empty_are_refused_before_training(make_cfg):
     text = str(err.value)
     assert text.startswith("the splits of data=synth protocol=p1 leave no row in the labelled ")
     assert "data.labelled_fraction=0.01 (the labelled share" in text and "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("estimate", "message"),
+    [
+        (5, "k.estimate=5: must be at least 19, the known classes; e.g. k.estimate=null"),
+        (
+            100000,
+            "k.estimate=100000: must be at most 119: the 19 known classes and one novel class per "
+            "unlabelled training row (100), as a class no row is of cannot be found; e.g. "
+            "k.estimate=null",
+        ),
+    ],
+)
+def test_a_k_estimate_outside_what_the_split_data_holds_is_one_line(estimate, message):
+    from owdfa_bench.config import check_k_estimate
+
+    with pytest.raises(ConfigValueError) as err:
+        check_k_estimate(estimate, num_known=19, num_unlabelled=100)
+    assert str(err.value) == message
+    for fits in (None, 19, 119):
+        check_k_estimate(fits, num_known=19, num_unlabelled=100)
 
 
 def test_a_protocol_of_another_benchmark_is_refused(make_cfg):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, TINY_SYNTH
 
 from owdfa_bench.errors import CheckpointError, ConfigValueError, is_user_error, one_line
 
@@ -75,6 +75,18 @@ def test_a_key_nothing_reads_is_one_line_before_anything_runs(tmp_path):
     assert "method.lr=0.5: nothing reads this key" in line
     assert "did you mean method.optim.lr? e.g. method.optim.lr=0.5" in line
     assert not list(tmp_path.rglob("results.json"))
+
+
+def test_a_k_estimate_the_split_data_cannot_hold_is_one_line_before_training(tmp_path, synth_root):
+    """Checked once the data is split (the unlabelled rows bound it), before any method is
+    built: 100000 classes once asked for a 68 GiB evaluation matrix after training."""
+    args = ("method=orca", "k=unknown", "k.estimate=100000", "trainer=smoke", "logger=none")
+    result = command(
+        "run.py", *args, f"data.root={synth_root}", f"output_root={tmp_path}", *TINY_SYNTH
+    )
+    line = one_error_line(result)
+    assert "k.estimate=100000: must be at most " in line and "unlabelled training row" in line
+    assert not list(tmp_path.rglob("last.ckpt"))
 
 
 def test_a_missing_data_root_is_one_line(tmp_path):
