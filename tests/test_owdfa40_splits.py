@@ -125,8 +125,12 @@ def test_an_empty_split_or_class_is_named_with_the_settings_that_size_them():
 
 
 def test_missing_root_and_missing_class_are_clear(tmp_path, owdfa40_root):
-    with pytest.raises(FileNotFoundError, match="data.root"):
+    with pytest.raises(FileNotFoundError, match="nope does not exist; set data.root"):
         build_owdfa40_splits(tmp_path / "nope", KNOWN, budgets=BUDGETS)
+    (tmp_path / "a.zip").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="a.zip is a file, not a folder; set data.root"):
+        build_owdfa40_splits(tmp_path / "a.zip", KNOWN, budgets=BUDGETS)
+    (tmp_path / "a.zip").unlink()
     with pytest.raises(FileNotFoundError, match="no class folders"):
         build_owdfa40_splits(tmp_path, KNOWN, budgets=BUDGETS)
     with pytest.raises(FileNotFoundError, match=r"class indices \[41\]"):

@@ -101,6 +101,61 @@ def test_a_missing_data_root_is_one_line(tmp_path):
     assert "data=owdfa40 protocol=p1: data root" in line and "does not exist" in line
 
 
+@pytest.mark.parametrize(
+    ("overrides", "example"),
+    [
+        (["data=synth"], "null"),  # the synthetic set is written there: its default cache
+        (["data=owdfa40"], "{parent}"),
+        (["data=owdfa23", "protocol=owdfa23_p1"], "{parent}"),
+    ],
+)
+def test_a_data_root_that_is_a_file_is_one_line_saying_a_folder_is_expected(
+    tmp_path, overrides, example
+):
+    from owdfa_bench.config import check_config, compose_config
+
+    a_file = tmp_path / "OWDFA40.zip"
+    a_file.write_bytes(b"PK")
+    with pytest.raises(ConfigValueError) as err:
+        check_config(compose_config([*overrides, f"data.root={a_file}"]))
+    name = overrides[0].split("=")[1]
+    assert str(err.value) == (
+        f"data.root='{a_file}': is a file; data={name} needs a folder; e.g. data.root="
+        + example.format(parent=tmp_path)
+    )
+
+
+def test_a_data_root_of_something_else_than_a_synth_cache_is_one_line(make_cfg, tmp_path):
+    from owdfa_bench.data.datamodule import build_splits
+    from owdfa_bench.errors import DataError
+
+    (tmp_path / "holiday.jpg").write_bytes(b"")
+    cfg = make_cfg(f"data.root={tmp_path}")
+    with pytest.raises(DataError) as err:
+        build_splits(cfg.data, cfg.protocol)
+    assert str(err.value).startswith(f"data=synth protocol=p1: synth cache folder {tmp_path} ")
+    assert "is not a synth cache" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "options"),
+    [
+        ("data=nosuch", "Available options in 'data': owdfa23 owdfa40 synth synth_paper"),
+        ("trainer=nosuch", "Available options in 'trainer': cpu ddp ddp_cpu gpu smoke"),
+        ("k=nosuch", "Available options in 'k': known unknown"),
+    ],
+)
+def test_an_unknown_option_lists_the_options_without_the_schemas(override, options):
+    """The structured configs are stored beside a group's options; Hydra lists them too."""
+    from hydra.errors import MissingConfigException
+
+    from owdfa_bench.config import compose_config
+
+    with pytest.raises(MissingConfigException) as err:
+        compose_config([override])
+    assert one_line(err.value).endswith(options)
+
+
 def test_a_programming_error_keeps_its_traceback():
     assert not is_user_error(ZeroDivisionError("division by zero"))
     assert not is_user_error(ValueError("a bug somewhere"))

@@ -65,12 +65,15 @@ def build_splits(data_cfg: DictConfig, protocol_cfg: DictConfig) -> DataSplits:
 
     `data._target_` names the source class (owdfa_bench/data/sources.py); whatever it is, its
     rows pass the same disjointness check, face-crop mapping and readability check here. What
-    the source raises about its files and rows (FileNotFoundError, ValueError) is a DataError,
-    and so is what the crop cache raises (stale, unreadable crops).
+    the source raises about its files and rows (FileNotFoundError, FileExistsError, ValueError)
+    is a DataError, and so is what the crop cache raises (stale, unreadable crops).
     """
     source = instantiate(data_cfg, _convert_="object")
     where = f"data={source.name} protocol={protocol_cfg.name}"
-    with as_user_error(DataError, where):
+    # FileExistsError: data=synth's root holds something else than a synth cache
+    with as_user_error(
+        DataError, where, (ValueError, FileNotFoundError, FileExistsError, KeyError)
+    ):
         splits = source.splits(protocol_cfg)
     check_splits(splits, where)
     check_nothing_empty(splits, where, source.split_settings())

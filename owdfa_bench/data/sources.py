@@ -18,6 +18,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from owdfa_bench.checks import fail, fraction, integer_at_least, number_at_least, one_of
@@ -64,6 +65,11 @@ class DataSource:
         integer_at_least("data.image_size", self.image_size, MIN_IMAGE_SIZE, 256)
         integer_at_least("data.split_seed", self.split_seed, 0, 2025)
         fraction("data.max_unreadable_fraction", self.max_unreadable_fraction, 0.001)
+        root = Path(self.root).expanduser() if self.root else None
+        if root is not None and root.exists() and not root.is_dir():
+            # the synthetic set is written there: its default cache rather than a full folder
+            example = "null" if self.synthetic else root.parent
+            fail("data.root", self.root, f"is a file; data={self.name} needs a folder", example)
 
     def splits(self, protocol: Mapping[str, Any]) -> DataSplits:
         """The rows of `protocol` (a `conf/protocol/*.yaml` node), labels known classes first."""
@@ -168,8 +174,6 @@ class Owdfa40Source(FaceCropSettings, FolderSplitsSource):
                 "data=owdfa40 needs data.root=<folder of class folders>; e.g. "
                 "python run.py data=owdfa40 data.root=/path/to/OWDFA40"
             )
-        from pathlib import Path
-
         return str(Path(self.root).expanduser())
 
 
