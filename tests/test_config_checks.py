@@ -226,6 +226,21 @@ def test_a_key_something_reads_passes(overrides):
     check_config(compose_config(["method=lower_bound", *overrides]))
 
 
+def test_a_backbone_key_timm_does_not_take_is_one_line_when_the_method_is_built(make_cfg):
+    """data.backbone's other keys are timm's (`+data.backbone.drop_rate=0.1`), so timm judges."""
+    from owdfa_bench.method import Problem
+    from owdfa_bench.runner import build_method
+
+    cfg = make_cfg("method=lower_bound", "+data.backbone.nosuch=1")
+    check_config(cfg)
+    with pytest.raises(ConfigValueError) as err:
+        build_method(cfg, Problem(num_known=2, num_classes=3))
+    assert str(err.value) == (
+        "method=lower_bound: data.backbone.nosuch=1: timm's resnet10t takes no such argument; "
+        "remove it"
+    )
+
+
 def test_every_shipped_method_and_recipe_reads_every_key():
     from owdfa_bench.runner import apply_recipe
 
