@@ -30,7 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from owdfa_bench.errors import ConfigValueError
+from owdfa_bench.errors import ConfigValueError, one_line
 
 # The keys of a method config the harness reads, and who reads them; every other setting of a
 # method is an argument of its class, under `model`. A new shared key is one line here.
@@ -158,7 +158,7 @@ def is_node(value: Any) -> bool:
 def readers_of(node: DictConfig, path: str, root: DictConfig) -> Readers:
     schema = OmegaConf.get_type(node)
     if dataclasses.is_dataclass(schema):
-        return structured_readers(schema, node)
+        return structured_readers(schema, node, path)
     path = re.sub(r"^method\.recipes\.[^.]+", "method", path)  # a recipe is a partial method
     if path == "method":
         return Readers(frozenset(METHOD_KEYS), "not a key the harness reads from a method config")
@@ -166,7 +166,7 @@ def readers_of(node: DictConfig, path: str, root: DictConfig) -> Readers:
         return Readers(frozenset(optimizer_keys()), "conf/optimizers.yaml reads no such key")
     if path == "method.model":
         target = str(root.method.model.get("_target_"))
-        arguments = class_arguments(target)
+        arguments = class_arguments(target, "method.model._target_")
         if arguments is None:
             return Readers(None)
         keys = arguments - set(RUNNER_ARGUMENTS) | {"_target_"}
@@ -176,7 +176,7 @@ def readers_of(node: DictConfig, path: str, root: DictConfig) -> Readers:
     return Readers(None)
 
 
-def structured_readers(schema: type, node: DictConfig) -> Readers:
+def structured_readers(schema: type, node: DictConfig, path: str) -> Readers:
     """A structured config's fields; plus its `_target_` class's arguments not set by the
     runner, or every key where its class says who reads the others (`EXTRA_KEYS_READER`)."""
     fields = frozenset(f.name for f in dataclasses.fields(schema))
@@ -185,22 +185,25 @@ def structured_readers(schema: type, node: DictConfig) -> Readers:
     target = node.get("_target_") if "_target_" in fields else None
     if not target or target == f"{schema.__module__}.{schema.__qualname__}":
         return Readers(fields, f"not a key of {schema.__name__}")
-    arguments = class_arguments(str(target))
+    arguments = class_arguments(str(target), f"{path}._target_" if path else "_target_")
     if arguments is None:
         return Readers(None)
     passed = arguments - set(getattr(schema, "SET_BY_RUNNER", ()))
     return Readers(fields | passed, f"neither a key of {schema.__name__} nor one {target} takes")
 
 
-def class_arguments(target: str) -> frozenset[str] | None:
-    """The keyword arguments of the class (or function) `target` names; None (any) when it
-    takes **kwargs."""
-    from hydra.utils import get_object
+def class_arguments(target: str, key: str) -> frozenset[str] | None:
+    """The keyword arguments of the class (or function) `target` (the value of `key`) names;
+    None (any) when it takes **kwargs."""
+    import importlib
 
-    try:
-        obj = get_object(target)
-    except Exception as err:  # ImportError, AttributeError, Hydra's wrappers of them
-        raise ConfigValueError(f"_target_={target!r}: cannot be imported ({err})") from err
+    module, _, name = target.rpartition(".")
+    try:  # not hydra.utils.get_object: it logs the error on the console as well
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:  # ValueError: no module at all
+        raise ConfigValueError(
+            f"{key}={target!r}: cannot be imported ({one_line(err)}); name an importable class"
+        ) from err
     parameters = inspect.signature(obj).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return None

@@ -199,6 +199,16 @@ def test_a_key_nothing_reads_is_refused_naming_it_and_the_nearest_read_key(overr
     assert "\n" not in text
 
 
+def test_a_target_that_cannot_be_imported_is_one_line_naming_its_key():
+    cfg = compose_config(["method=lower_bound", "method.model._target_=methods.cal.Nope"])
+    with pytest.raises(ConfigValueError) as err:
+        check_config(cfg)
+    assert str(err.value) == (
+        "method.model._target_='methods.cal.Nope': cannot be imported (module 'methods.cal' has "
+        "no attribute 'Nope'); name an importable class"
+    )
+
+
 def test_the_nearest_key_is_the_same_name_nearest_in_the_tree_ties_all_named():
     from owdfa_bench.config_keys import nearest_keys
 
