@@ -37,11 +37,18 @@ def number_at_least(key: str, value: Any, low: float, example: Any, strict: bool
         fail(key, value, need, example)
 
 
-def fraction(key: str, value: Any, example: Any) -> None:
-    """A number in [0, 1]."""
+def fraction(
+    key: str, value: Any, example: Any, zero: str | None = None, one: str | None = None
+) -> None:
+    """A number in [0, 1]; 0 refused where `zero` says what it would leave (e.g. "no test
+    row"), 1 where `one` does."""
+    interval = f"{'(' if zero else '['}0, 1{')' if one else ']'}"
     ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
     if not ok:
-        fail(key, value, "must be a fraction in [0, 1]", example)
+        fail(key, value, f"must be a fraction in {interval}", example)
+    for end, leaves in ((0, zero), (1, one)):
+        if leaves and value == end:
+            fail(key, value, f"must be a fraction in {interval}: {end} leaves {leaves}", example)
 
 
 def one_of(key: str, value: Any, options: Iterable[Any]) -> None:
@@ -51,10 +58,12 @@ def one_of(key: str, value: Any, options: Iterable[Any]) -> None:
         fail(key, value, f"must be one of {listed}", options[0])
 
 
-def batch_limit(key: str, value: Any) -> None:
-    """Lightning's `limit_*_batches`: null (all), a batch count >= 0 or a fraction in [0, 1]."""
-    if value is None or (is_int(value) and value >= 0):
+def batch_limit(key: str, value: Any, if_zero: str) -> None:
+    """Lightning's `limit_*_batches`: null (all), a batch count >= 1 or a fraction in (0, 1];
+    `if_zero` says what none would do."""
+    if value is None or (is_int(value) and value >= 1):
         return
-    if isinstance(value, float) and 0.0 <= value <= 1.0:
+    if isinstance(value, float) and 0.0 < value <= 1.0:
         return
-    fail(key, value, "must be null (all), a batch count >= 0 or a fraction in [0, 1]", 2)
+    need = f"must be null (all), a batch count >= 1 or a fraction in (0, 1] (with 0 {if_zero})"
+    fail(key, value, need, 2)

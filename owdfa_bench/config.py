@@ -11,7 +11,8 @@ line naming the key, the value and what to do. No field has a default: the YAML 
 source of values.
 
 The shared keys of a method config (`method.epochs`, `method.batch_size`, `method.sampler`)
-are checked by `check_method`; the rest of a method config belongs to its class.
+are checked by `check_method`; the rest of a method config belongs to its class. A key nothing
+reads (one added with `+`) is refused by `owdfa_bench.config_keys`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from owdfa_bench.checks import (
     ConfigValueError,
     batch_limit,
+    fail,
     integer_at_least,
     is_int,
+    number_at_least,
     one_of,
 )
 
@@ -34,6 +37,20 @@ SELECTIONS = ("last", "best_on_test")
 K_MODES = ("known", "unknown")
 SAMPLERS = ("weighted", "alternating")
 MAX_SEED = 2**32 - 1  # numpy and Lightning seeds are unsigned 32-bit
+# key, lowest, why, example
+SHARED_METHOD_INTEGERS = (
+    ("epochs", 1, "", 50),
+    # a batch of one row fails in BatchNorm, which every method's backbone trains
+    ("batch_size", 2, ": BatchNorm trains on 2 rows a batch at least", 128),
+)
+# the numbers of an optim block (conf/optimizers.yaml): key -> (lowest, strictly above it, example)
+OPTIM_NUMBERS = {
+    "lr": (0.0, True, 2.0e-4),
+    "weight_decay": (0.0, False, 1.0e-3),
+    "momentum": (0.0, False, 0.9),
+    "gamma": (0.0, True, 0.1),
+    "eta_min_ratio": (0.0, False, 1.0e-3),
+}
 
 
 @dataclass(kw_only=True)
@@ -94,12 +111,28 @@ class TrainerConfig:
         "pin_memory",
         "progress_bar",
     )
+    # Trainer arguments runner.build_trainer sets itself: a `+trainer.<key>` of these would be
+    # overridden; any other Trainer argument added with `+` is passed on (owdfa_bench.config_keys)
+    SET_BY_RUNNER: ClassVar[tuple[str, ...]] = (
+        "max_epochs",
+        "logger",
+        "callbacks",
+        "enable_progress_bar",
+        "default_root_dir",
+        "num_sanity_val_steps",
+        "enable_model_summary",
+        "use_distributed_sampler",
+        "plugins",
+    )
 
     def __post_init__(self) -> None:
         integer_at_least("trainer.num_nodes", self.num_nodes, 1, 1)
         integer_at_least("trainer.max_epochs", self.max_epochs, 1, 2, optional=True)
-        batch_limit("trainer.limit_train_batches", self.limit_train_batches)
-        batch_limit("trainer.limit_val_batches", self.limit_val_batches)
+        batch_limit("trainer.limit_train_batches", self.limit_train_batches, "nothing would train")
+        # every epoch's evaluation is what the record reports
+        batch_limit(
+            "trainer.limit_val_batches", self.limit_val_batches, "nothing would be evaluated"
+        )
         integer_at_least("trainer.log_every_n_steps", self.log_every_n_steps, 1, 10)
         integer_at_least("trainer.num_workers", self.num_workers, 0, 0)
         integer_at_least("trainer.threads", self.threads, 0, 1, optional=True)
@@ -116,6 +149,26 @@ class KConfig:
     def __post_init__(self) -> None:
         one_of("k.name", self.name, K_MODES)
         integer_at_least("k.estimate", self.estimate, 1, 41, optional=True)
+        if self.name == "known" and self.estimate is not None:  # heads use the true K then
+            fail("k.estimate", self.estimate, "is read only under k=unknown", "null")
+
+
+def check_k_estimate(estimate: int | None, num_known: int, num_unlabelled: int) -> None:
+    """`k.estimate`, a total number of classes, against the split data: at least the known
+    classes, at most one novel class more per unlabelled training row (a class no row is of
+    cannot be found; GCD's SS-k-means has the same cap, and the heads and the evaluation's
+    square matrix are sized by it)."""
+    if estimate is None:
+        return
+    if estimate < num_known:
+        fail("k.estimate", estimate, f"must be at least {num_known}, the known classes", "null")
+    ceiling = num_known + num_unlabelled
+    if estimate > ceiling:
+        need = (
+            f"must be at most {ceiling}: the {num_known} known classes and one novel class per "
+            f"unlabelled training row ({num_unlabelled}), as a class no row is of cannot be found"
+        )
+        fail("k.estimate", estimate, need, "null")
 
 
 def epoch_share(value: int, of: int, epochs: int) -> int:
@@ -168,19 +221,45 @@ register_configs()
 def check_method(method: DictConfig) -> None:
     """The keys every method config shares (the runner and datamodule read them)."""
     name = method.get("name")
-    for key, low, example in (("epochs", 1, 50), ("batch_size", 1, 128)):
+    for key, low, why, example in SHARED_METHOD_INTEGERS:
         value = method.get(key)
         if not is_int(value) or value < low:
             raise ConfigValueError(
-                f"method.{key}={value!r}: must be an integer >= {low} (method={name}); "
+                f"method.{key}={value!r}: must be an integer >= {low} (method={name}){why}; "
                 f"e.g. method.{key}={example}"
             )
     one_of("method.sampler", method.get("sampler"), SAMPLERS)
+    check_optim(method.optim)
+
+
+def check_optim(optim: DictConfig, key: str = "method.optim") -> None:
+    """An optim block names an optimiser and a scheduler of conf/optimizers.yaml, and its numbers
+    are in range (its `unset` values stand in for the keys the block lacks)."""
+    from owdfa_bench.method import optimizer_registry
+
+    registry = optimizer_registry()
+    values = {
+        **OmegaConf.to_container(registry.unset),
+        **OmegaConf.to_container(optim, resolve=True),
+    }
+    # build_optimizer's reading: the optimiser's name in any case, no scheduler as "none"
+    chosen = {"name": str(values["name"]).lower(), "scheduler": str(values["scheduler"] or "none")}
+    for name, entries in (("name", registry.optimizers), ("scheduler", registry.schedulers)):
+        if chosen[name] not in entries:
+            offered = sorted(entries)
+            need = f"conf/optimizers.yaml offers {', '.join(offered)}"
+            fail(f"{key}.{name}", values[name], need, offered[0])
+    for name, (low, strict, example) in OPTIM_NUMBERS.items():
+        number_at_least(f"{key}.{name}", values[name], low, example, strict=strict)
+    integer_at_least(f"{key}.step_size", values["step_size"], 1, 10)
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Every value of a composed config in range, or one ConfigValueError naming the first
-    that is not. Runs the schemas' `__post_init__` (types were checked at composition)."""
+    """Every key read and every value in range, or one ConfigValueError naming the first that
+    is not. Runs the schemas' `__post_init__` (types were checked at composition)."""
+    from owdfa_bench.config_keys import check_every_key_read
+
+    check_every_key_read(cfg)
     OmegaConf.to_object(cfg)
     check_method(cfg.method)
 

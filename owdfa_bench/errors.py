@@ -20,6 +20,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -62,6 +63,9 @@ class MissingWeightsError(UserError, RuntimeError):
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, CompactHydraException)
 # an OSError with one of these is the user's too: a folder that cannot be written (Hydra writes
 # the run folder before the runner does)
+# the names owdfa_bench/config.py `register_configs` stores the schemas under, beside the options
+# of their group (`schema`, `<source>_schema`), as Hydra lists them: never an option to choose
+SCHEMA_OPTION = re.compile(r"\t(\w+_)?schema")
 WRITE_ERRNOS = frozenset(
     {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 )
@@ -98,6 +102,8 @@ def one_line(err: BaseException) -> str:
         reason = lines[0] if lines else type(cause).__name__
         text = f"{text}: {reason}" + (f" ({key})" if key and key not in reason else "")
     text = text.split("\nConfig search path:")[0]  # Hydra's listing of where it looked
+    # Hydra lists a group's structured configs as options (`data=nosuch` listed synth_schema)
+    text = "\n".join(line for line in text.splitlines() if not SCHEMA_OPTION.fullmatch(line))
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 

@@ -40,20 +40,35 @@ def build_backbone(
                 f"data.backbone.weights={weights}: no such file; give a local timm state dict "
                 "(.safetensors or .pth) or set data.backbone.weights=null"
             )
-        return timm.create_model(
-            name,
-            pretrained=True,
-            pretrained_cfg_overlay={"file": str(path)},
-            num_classes=0,
-            global_pool="",
-            **kwargs,
-        )
+        overlay = {"pretrained_cfg_overlay": {"file": str(path)}}
+        return create_timm_model(name, kwargs, pretrained=True, **overlay)
     if not pretrained:
-        return timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
+        return create_timm_model(name, kwargs, pretrained=False)
     try:
-        return timm.create_model(name, pretrained=True, num_classes=0, global_pool="", **kwargs)
+        return create_timm_model(name, kwargs, pretrained=True)
+    except UnknownBackboneArgument:
+        raise
     except Exception as err:  # the Hub's offline / connection / missing-entry errors
         raise MissingWeightsError(missing_weights_message(name, err)) from err
+
+
+class UnknownBackboneArgument(ValueError):
+    """A key of `data.backbone` the timm model does not take (the runner makes it one line)."""
+
+
+def create_timm_model(name: str, extra: dict[str, Any], **settings: Any) -> nn.Module:
+    """timm's `name` without classifier and pooling; `extra`, the other keys of
+    `data.backbone`, are its arguments: one it does not take is refused naming the key."""
+    try:
+        return timm.create_model(name, num_classes=0, global_pool="", **settings, **extra)
+    except TypeError as err:
+        refused = [key for key in extra if repr(key) in str(err)]
+        if not refused:
+            raise
+        key = refused[0]
+        raise UnknownBackboneArgument(
+            f"data.backbone.{key}={extra[key]!r}: timm's {name} takes no such argument; remove it"
+        ) from err
 
 
 def custom_pool_geometry(size: int, out: int) -> tuple[int, int]:

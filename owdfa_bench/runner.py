@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from owdfa_bench.cache import remove_stale_temporaries
 from owdfa_bench.checkpoints import CheckpointFiles, previous_of, stale_temporaries
-from owdfa_bench.config import SELECTIONS, TrainerConfig, check_config
+from owdfa_bench.config import SELECTIONS, TrainerConfig, check_config, check_k_estimate
 from owdfa_bench.data.datamodule import OWDFADataModule, build_splits
 from owdfa_bench.data.splits import DataSplits
 from owdfa_bench.distributed import (
@@ -163,6 +163,7 @@ def max_epochs_of(cfg: DictConfig) -> int:
 
 
 def make_problem(cfg: DictConfig, splits: DataSplits, max_epochs: int) -> Problem:
+    check_k_estimate(cfg.k.estimate, splits.num_known, len(splits.unlabelled))
     real = [c["label"] for c in splits.classes if c.get("code") == "REAL"]
     return Problem(
         num_known=splits.num_known,

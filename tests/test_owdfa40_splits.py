@@ -7,6 +7,7 @@ import pytest
 
 from owdfa_bench.data.owdfa40 import Budgets, build_owdfa40_splits
 from owdfa_bench.data.splits import DataSplits, check_splits
+from owdfa_bench.errors import DataError
 
 BUDGETS = Budgets(real=6, real_per_folder=4, known=4, novel=3)
 KNOWN = [0, 1, 3, 6]
@@ -104,9 +105,32 @@ def test_check_splits_names_the_leaking_rows():
     check_splits(DataSplits([("a.png", 0)], [("b.png", 1)], [("c.png", 1)], 1, classes))
 
 
+def test_an_empty_split_or_class_is_named_with_the_settings_that_size_them():
+    from owdfa_bench.data.splits import check_nothing_empty
+
+    classes = [{"label": 0, "code": "REAL"}, {"label": 1}]
+    whole = DataSplits([("a.png", 0)], [("b.png", 1)], [("c.png", 0), ("d.png", 1)], 1, classes)
+    check_nothing_empty(whole, "data=x", "data.test_ratio")
+    no_test = DataSplits([("a.png", 0)], [("b.png", 1)], [("c.png", 0)], 1, classes)
+    with pytest.raises(DataError) as err:
+        check_nothing_empty(no_test, "data=x protocol=p1", "data.test_ratio=0.01")
+    assert str(err.value) == (
+        "the splits of data=x protocol=p1 leave no row in class 1 in test (1 labelled, "
+        "1 unlabelled, 1 test rows); every split and every class needs one: change "
+        "data.test_ratio=0.01"
+    )
+    no_labelled = DataSplits([], [("b.png", 1)], [("c.png", 0), ("d.png", 1)], 1, classes)
+    with pytest.raises(DataError, match=r"no row in the labelled split, class 0 \(REAL\) in "):
+        check_nothing_empty(no_labelled, "data=x", "data.labelled_fraction=0.01")
+
+
 def test_missing_root_and_missing_class_are_clear(tmp_path, owdfa40_root):
-    with pytest.raises(FileNotFoundError, match="data.root"):
+    with pytest.raises(FileNotFoundError, match="nope does not exist; set data.root"):
         build_owdfa40_splits(tmp_path / "nope", KNOWN, budgets=BUDGETS)
+    (tmp_path / "a.zip").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="a.zip is a file, not a folder; set data.root"):
+        build_owdfa40_splits(tmp_path / "a.zip", KNOWN, budgets=BUDGETS)
+    (tmp_path / "a.zip").unlink()
     with pytest.raises(FileNotFoundError, match="no class folders"):
         build_owdfa40_splits(tmp_path, KNOWN, budgets=BUDGETS)
     with pytest.raises(FileNotFoundError, match=r"class indices \[41\]"):

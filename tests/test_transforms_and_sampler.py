@@ -40,3 +40,17 @@ def test_weighted_sampler_draws_labelled_rows_half_the_time():
     assert len(draws) == 1000
     assert 0.44 < (draws < 100).mean() < 0.56  # 1/2 in expectation (not per batch)
     assert np.array_equal(draws, np.array(list(weighted_sampler(100, 900, seed=0))))
+
+
+def test_a_last_batch_of_one_row_is_dropped_counted_in_this_ranks_draws():
+    """BatchNorm cannot train on one row; under DDP a rank's draws are its share of the rows."""
+    from owdfa_bench.data.datamodule import DataSplits, OWDFADataModule
+
+    rows = [(f"{i}.png", 0) for i in range(10)]
+    splits = DataSplits(rows[:6], rows[6:], [], num_known=1, classes=[{"label": 0}])
+    dm = OWDFADataModule(splits, 16, ("weak",), batch_size=4)
+    assert dm.train_dataloader().drop_last is False  # 10 draws: batches of 4, 4, 2
+    dm._world = lambda: (2, 0)  # rank 0 of 2 draws 5 of the 10 rows: 4, 1
+    assert dm.train_dataloader().drop_last is True
+    dm.batch_size = 5
+    assert dm.train_dataloader().drop_last is False

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, TINY_SYNTH
 
 from owdfa_bench.errors import CheckpointError, ConfigValueError, is_user_error, one_line
 
@@ -68,6 +68,27 @@ def test_a_bad_value_is_one_line_and_its_traceback_is_in_train_log(tmp_path):
     assert full.returncode == 1 and "Traceback (most recent call last)" in full.stderr
 
 
+def test_a_key_nothing_reads_is_one_line_before_anything_runs(tmp_path):
+    """Hydra itself recommends `+method.foo=1` for `method.foo=1`; the run refuses it."""
+    args = ("run.py", "+method.lr=0.5", "logger=none", f"output_root={tmp_path}")
+    line = one_error_line(command(*args))
+    assert "method.lr=0.5: nothing reads this key" in line
+    assert "did you mean method.optim.lr? e.g. method.optim.lr=0.5" in line
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_a_k_estimate_the_split_data_cannot_hold_is_one_line_before_training(tmp_path, synth_root):
+    """Checked once the data is split (the unlabelled rows bound it), before any method is
+    built: 100000 classes once asked for a 68 GiB evaluation matrix after training."""
+    args = ("method=orca", "k=unknown", "k.estimate=100000", "trainer=smoke", "logger=none")
+    result = command(
+        "run.py", *args, f"data.root={synth_root}", f"output_root={tmp_path}", *TINY_SYNTH
+    )
+    line = one_error_line(result)
+    assert "k.estimate=100000: must be at most " in line and "unlabelled training row" in line
+    assert not list(tmp_path.rglob("last.ckpt"))
+
+
 def test_a_missing_data_root_is_one_line(tmp_path):
     result = command(
         "run.py",
@@ -78,6 +99,61 @@ def test_a_missing_data_root_is_one_line(tmp_path):
     )
     line = one_error_line(result)
     assert "data=owdfa40 protocol=p1: data root" in line and "does not exist" in line
+
+
+@pytest.mark.parametrize(
+    ("overrides", "example"),
+    [
+        (["data=synth"], "null"),  # the synthetic set is written there: its default cache
+        (["data=owdfa40"], "{parent}"),
+        (["data=owdfa23", "protocol=owdfa23_p1"], "{parent}"),
+    ],
+)
+def test_a_data_root_that_is_a_file_is_one_line_saying_a_folder_is_expected(
+    tmp_path, overrides, example
+):
+    from owdfa_bench.config import check_config, compose_config
+
+    a_file = tmp_path / "OWDFA40.zip"
+    a_file.write_bytes(b"PK")
+    with pytest.raises(ConfigValueError) as err:
+        check_config(compose_config([*overrides, f"data.root={a_file}"]))
+    name = overrides[0].split("=")[1]
+    assert str(err.value) == (
+        f"data.root='{a_file}': is a file; data={name} needs a folder; e.g. data.root="
+        + example.format(parent=tmp_path)
+    )
+
+
+def test_a_data_root_of_something_else_than_a_synth_cache_is_one_line(make_cfg, tmp_path):
+    from owdfa_bench.data.datamodule import build_splits
+    from owdfa_bench.errors import DataError
+
+    (tmp_path / "holiday.jpg").write_bytes(b"")
+    cfg = make_cfg(f"data.root={tmp_path}")
+    with pytest.raises(DataError) as err:
+        build_splits(cfg.data, cfg.protocol)
+    assert str(err.value).startswith(f"data=synth protocol=p1: synth cache folder {tmp_path} ")
+    assert "is not a synth cache" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "options"),
+    [
+        ("data=nosuch", "Available options in 'data': owdfa23 owdfa40 synth synth_paper"),
+        ("trainer=nosuch", "Available options in 'trainer': cpu ddp ddp_cpu gpu smoke"),
+        ("k=nosuch", "Available options in 'k': known unknown"),
+    ],
+)
+def test_an_unknown_option_lists_the_options_without_the_schemas(override, options):
+    """The structured configs are stored beside a group's options; Hydra lists them too."""
+    from hydra.errors import MissingConfigException
+
+    from owdfa_bench.config import compose_config
+
+    with pytest.raises(MissingConfigException) as err:
+        compose_config([override])
+    assert one_line(err.value).endswith(options)
 
 
 def test_a_programming_error_keeps_its_traceback():

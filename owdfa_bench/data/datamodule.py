@@ -19,7 +19,13 @@ from torch.utils.data import DataLoader
 from owdfa_bench.data.datasets import EvalRows, TrainRows, find_unreadable, weighted_sampler
 from owdfa_bench.data.digest import data_digest
 from owdfa_bench.data.resumable import ResumableSampler
-from owdfa_bench.data.splits import HIDDEN_LABEL, DataSplits, Row, check_splits
+from owdfa_bench.data.splits import (
+    HIDDEN_LABEL,
+    DataSplits,
+    Row,
+    check_nothing_empty,
+    check_splits,
+)
 from owdfa_bench.data.transforms import build_view
 from owdfa_bench.errors import CheckpointError, DataError, as_user_error
 
@@ -60,15 +66,20 @@ def build_splits(data_cfg: DictConfig, protocol_cfg: DictConfig) -> DataSplits:
 
     `data._target_` names the source class (owdfa_bench/data/sources.py); whatever it is, its
     rows pass the same disjointness check, face-crop mapping and readability check here. What
-    the source raises about its files and rows (FileNotFoundError, ValueError) is a DataError,
-    and so is what the crop cache raises (stale, unreadable crops). The splits carry the
-    content digest of their rows (`owdfa_bench.data.digest`), which the run's record keeps.
+    the source raises about its files and rows (FileNotFoundError, FileExistsError, ValueError)
+    is a DataError, and so is what the crop cache raises (stale, unreadable crops). The splits
+    carry the content digest of their rows (`owdfa_bench.data.digest`), which the run's record
+    keeps.
     """
     source = instantiate(data_cfg, _convert_="object")
     where = f"data={source.name} protocol={protocol_cfg.name}"
-    with as_user_error(DataError, where):
+    # FileExistsError: data=synth's root holds something else than a synth cache
+    with as_user_error(
+        DataError, where, (ValueError, FileNotFoundError, FileExistsError, KeyError)
+    ):
         splits = source.splits(protocol_cfg)
     check_splits(splits, where)
+    check_nothing_empty(splits, where, source.split_settings())
     if source.crop_face:
         from owdfa_bench.data.faces import CropCounts, resolve_cached_rows
 
@@ -148,9 +159,10 @@ class OWDFADataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
-        # The references keep a short last batch; one of size 1 would crash BatchNorm in training.
-        drop_last = len(dataset) % self.batch_size == 1
         self.train_sampler = self.resumable_train_sampler(dataset)
+        # The references keep a short last batch; one of size 1 would crash BatchNorm in training.
+        # Counted in this rank's draws: under DDP each rank has its share of the rows.
+        drop_last = len(self.train_sampler) % self.batch_size == 1
         if self._sampler_resume is not None:  # set by the checkpoint being resumed from
             with as_user_error(CheckpointError, "the checkpoint's train sampler", (ValueError,)):
                 self.train_sampler.resume(*self._sampler_resume)

@@ -66,8 +66,9 @@ def list_class_folders(root: str | Path) -> list[tuple[int, str, list[str]]]:
     """(class index, folder name, image paths) for each class folder, sorted by folder name."""
     root = Path(root)
     if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
         raise FileNotFoundError(
-            f"data root {root} does not exist; set data.root to the folder holding the OWDFA-40 "
+            f"data root {root} {what}; set data.root to the folder holding the OWDFA-40 "
             "class folders (`owdfa-bench download --root DIR` fetches them)"
         )
     folders = []

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from owdfa_bench.checks import fail, fraction, integer_at_least, number_at_least, one_of
@@ -33,6 +34,8 @@ SYNTH_MIN_IMAGE_SIZE = 32  # the renderer's faces and 8-pixel decoder grids need
 class Backbone:
     """`data.backbone`: the timm model every method's encoder is built from."""
 
+    # other keys (`+data.backbone.drop_path_rate=0.1`) are arguments of the timm model
+    EXTRA_KEYS_READER: ClassVar[str] = "timm.create_model (owdfa_bench.models.build_backbone)"
     name: str
     pretrained: bool  # timm's ImageNet weights, downloaded once through huggingface_hub
 
@@ -62,9 +65,18 @@ class DataSource:
         integer_at_least("data.image_size", self.image_size, MIN_IMAGE_SIZE, 256)
         integer_at_least("data.split_seed", self.split_seed, 0, 2025)
         fraction("data.max_unreadable_fraction", self.max_unreadable_fraction, 0.001)
+        root = Path(self.root).expanduser() if self.root else None
+        if root is not None and root.exists() and not root.is_dir():
+            # the synthetic set is written there: its default cache rather than a full folder
+            example = "null" if self.synthetic else root.parent
+            fail("data.root", self.root, f"is a file; data={self.name} needs a folder", example)
 
     def splits(self, protocol: Mapping[str, Any]) -> DataSplits:
         """The rows of `protocol` (a `conf/protocol/*.yaml` node), labels known classes first."""
+        raise NotImplementedError
+
+    def split_settings(self) -> str:
+        """What sizes the splits, for a message about an empty one."""
         raise NotImplementedError
 
     def check_protocol(self, protocol: Mapping[str, Any]) -> None:
@@ -88,13 +100,21 @@ class FolderSplitsSource(DataSource):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        fraction("data.test_ratio", self.test_ratio, 0.2)
-        fraction("data.labelled_fraction", self.labelled_fraction, 0.75)
+        fraction("data.test_ratio", self.test_ratio, 0.2, zero="no test row", one="no training row")
+        fraction("data.labelled_fraction", self.labelled_fraction, 0.75, zero="no labelled row")
         for key, value in dataclasses.asdict(self.budgets).items():
             integer_at_least(f"data.budgets.{key}", value, 1, 100)
 
     def data_root(self) -> str:
         raise NotImplementedError
+
+    def split_settings(self) -> str:
+        budgets = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.budgets).items())
+        return (
+            f"data.test_ratio={self.test_ratio} (each class's test share), "
+            f"data.labelled_fraction={self.labelled_fraction} (the labelled share of known-class "
+            f"training rows) or data.budgets ({budgets} images a class)"
+        )
 
     def splits(self, protocol: Mapping[str, Any]) -> DataSplits:
         from owdfa_bench.data.owdfa40 import build_owdfa40_splits
@@ -154,8 +174,6 @@ class Owdfa40Source(FaceCropSettings, FolderSplitsSource):
                 "data=owdfa40 needs data.root=<folder of class folders>; e.g. "
                 "python run.py data=owdfa40 data.root=/path/to/OWDFA40"
             )
-        from pathlib import Path
-
         return str(Path(self.root).expanduser())
 
 
@@ -245,6 +263,9 @@ class Owdfa23Source(FaceCropSettings, DataSource):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_crop_settings()
+
+    def split_settings(self) -> str:
+        return "the protocol's meta CSV (data.meta_dir, else data.root/meta_data)"
 
     def splits(self, protocol: Mapping[str, Any]) -> DataSplits:
         from owdfa_bench.data.owdfa23 import build_owdfa23_splits, resolve_meta_dir

@@ -8,6 +8,7 @@ later cannot skip it.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,4 +100,32 @@ def check_splits(splits: DataSplits, source: str = "the data") -> None:
         raise DataError(
             f"the splits of {source} leak: " + "; ".join(problems) + ". Remove the duplicated "
             "rows from the source (each image may appear once) and run again."
+        )
+
+
+def empty_parts(splits: DataSplits) -> list[str]:
+    """The splits that hold no row, and the classes without a training or a test row."""
+    parts = [f"the {name} split" for name in SPLITS if not getattr(splits, name)]
+    rows = {
+        "training": Counter(y for _, y in splits.labelled + splits.unlabelled),
+        "test": Counter(y for _, y in splits.test),
+    }
+    for c in splits.classes:
+        missing = [kind for kind, counts in rows.items() if not counts[c["label"]]]
+        if missing:
+            name = f"class {c['label']}" + (f" ({c['code']})" if c.get("code") else "")
+            parts.append(f"{name} in {' and '.join(missing)}")
+    return parts
+
+
+def check_nothing_empty(splits: DataSplits, source: str, settings: str) -> None:
+    """Every split and every class's training and test rows hold a row, or a DataError naming
+    what is empty and the `settings` that size the splits (an empty test split fails only
+    after the first epoch, an empty labelled split in the sampler)."""
+    parts = empty_parts(splits)
+    if parts:
+        listed = _listing(parts)
+        raise DataError(
+            f"the splits of {source} leave no row in {listed} ({splits.counts()}); every split "
+            f"and every class needs one: change {settings}"
         )
