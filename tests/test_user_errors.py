@@ -133,15 +133,19 @@ def test_a_data_root_of_something_else_than_a_synth_cache_is_one_line(make_cfg, 
     cfg = make_cfg(f"data.root={tmp_path}")
     with pytest.raises(DataError) as err:
         build_splits(cfg.data, cfg.protocol)
-    assert str(err.value).startswith(f"data=synth protocol=p1: synth cache folder {tmp_path} ")
-    assert "is not a synth cache" in str(err.value) and "\n" not in str(err.value)
+    message = str(err.value)
+    assert message.startswith(f"synth cache folder {tmp_path} holds ") and "holiday.jpg" in message
+    assert "not replaced" in message and "\n" not in message
 
 
 @pytest.mark.parametrize(
     ("override", "options"),
     [
         ("data=nosuch", "Available options in 'data': owdfa23 owdfa40 synth synth_paper"),
-        ("trainer=nosuch", "Available options in 'trainer': cpu ddp ddp_cpu gpu smoke"),
+        (
+            "trainer=nosuch",
+            "Available options in 'trainer': cpu ddp ddp_cpu gpu gpu_fp32 smoke",
+        ),
         ("k=nosuch", "Available options in 'k': known unknown"),
     ],
 )
