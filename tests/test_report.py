@@ -16,7 +16,9 @@ import yaml
 from helpers import wandb_log_holding
 from latex_check import check_latex
 from latex_compile import compile_table, environment_of, find_pdflatex, needed_packages
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from omegaconf import OmegaConf
+from PIL import Image
 from scipy import stats
 
 from owdfa_bench.records import config_hash
@@ -24,7 +26,13 @@ from owdfa_bench.report.collect import load_records
 from owdfa_bench.report.main import AggregateCallback, cli_aggregate, write_report, write_tables
 from owdfa_bench.report.naming import METHOD_CONF_DIR, display_for
 from owdfa_bench.report.paper import PAPER_DIR
-from owdfa_bench.report.plots import family_order, line_style, plot_diagnostics, write_plots
+from owdfa_bench.report.plots import (
+    family_order,
+    line_style,
+    plot_accuracy_bars,
+    plot_diagnostics,
+    write_plots,
+)
 from owdfa_bench.report.render import LATEX_ENVIRONMENTS, column_chunks, two_line_head
 from owdfa_bench.report.summarise import epoch_curves, summarise
 from owdfa_bench.report.validate import validate
@@ -769,6 +777,34 @@ def test_plots_written_as_png_and_pdf(tmp_path):
         for ext in ("png", "pdf")
     }  # no history: no diagnostics figure
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_accuracy_figure_is_a_text_width_wide_and_its_legend_hides_no_bar(tmp_path):
+    """16 methods on P1, 3 of them on P2 too: panels stacked, the figure stays 7 in wide (it grew
+    by 1.2 in per method and protocol), the legend sits outside every panel, nothing is cut."""
+    sweep = tmp_path / "sweep"
+    for i in range(16):
+        for protocol in ("p1", "p2") if i < 3 else ("p1",):
+            for seed in SEEDS:
+                record = make_record("cal", protocol, "known", seed)
+                record["method"] = record["config"]["method"]["name"] = f"method_{i:02d}"
+                write_record(sweep, record)
+    fig = plot_accuracy_bars(summarise(load_records(sweep)))
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    assert [len(ax.get_xticks()) for ax in fig.axes] == [16, 3]  # each panel: its cells
+    legend = fig.legends[0].get_window_extent(renderer)
+    for ax in fig.axes:  # the panel with its tick labels and title
+        assert not legend.overlaps(ax.get_tightbbox(renderer))
+    drawn, canvas_in = fig.get_tightbbox(renderer), fig.bbox_inches
+    assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01  # in inches: nothing off the canvas
+    assert drawn.x1 <= canvas_in.x1 + 0.01 and drawn.y1 <= canvas_in.y1 + 0.01
+
+    (png,) = [p for p in write_plots(sweep, tmp_path / "plots") if p.name == "acc_bars.png"]
+    with Image.open(png) as image:
+        width_in, height_in = (pixels / 150 for pixels in image.size)
+    assert 6.5 <= width_in <= 7.5 and 3.0 <= height_in <= 7.5
 
 
 # --------------------------------------------------------------------------- W&B
