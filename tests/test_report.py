@@ -850,14 +850,14 @@ def test_cli_and_hydra_callback(sweep, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli_aggregate([str(tmp_path / "empty"), "--no-plots"]) == 1
 
-    callback = AggregateCallback(plots=False)
+    callback = AggregateCallback(plots=False, latex_env="table*")
     callback.on_multirun_end(
         OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "nope")}}})
     )
     capsys.readouterr()
     copy = make_sweep(tmp_path / "copy")
     callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(copy)}}}))
-    assert (copy / "tables" / "acc.tex").is_file()
+    assert r"\begin{table*}" in (copy / "tables" / "acc.tex").read_text()
     assert (copy / "tables" / "diagnostics.md").is_file()
     assert capsys.readouterr().out.count("Accuracy (%), mean") == 1
 
