@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # Two workers, each test file on one of them (module fixtures are built once): 5.6 min here
-# against 10.5 min in one process, on 2 idle cores.
+# against 10.5 min in one process, on 2 idle cores. tests/latex/install.sh apt-gets pdflatex for
+# the LaTeX compile tests where it is absent (as root; 55 s here, once), else does nothing.
 test: $(STAMP)
+	@bash tests/latex/install.sh
 	$(BIN)/ruff check .
 	WANDB_MODE=offline $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 

@@ -1,4 +1,5 @@
-"""A regex check that a generated LaTeX table would compile (used by the report tests only)."""
+"""A fast shape check of a generated LaTeX table (braces, environments, columns per row), run
+where pdflatex is absent too; tests/latex_compile.py compiles the tables: the real check."""
 
 from __future__ import annotations
 
@@ -9,6 +10,23 @@ def _count_columns(colspec: str) -> int:
     spec = re.sub(r"[pmb]\{[^}]*\}", "c", colspec)  # p{3cm} is one column
     spec = re.sub(r"[@!>]\{[^}]*\}|\|", "", spec)
     return sum(ch in "lcrX" for ch in spec)
+
+
+def _rows(body: str) -> list[str]:
+    """A tabular body cut at its row ends: `\\\\` outside braces (a `\\shortstack{a\\\\b}` head
+    is one cell)."""
+    rows, depth, start, i = [], 0, 0, 0
+    while i < len(body):
+        if body.startswith("\\\\", i) and depth == 0:
+            rows.append(body[start:i])
+            start = i = i + 2
+            continue
+        if body[i] == "\\":  # an escaped character or a command name: skip its first char
+            i += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(body[i], 0)
+        i += 1
+    return [*rows, body[start:]]
 
 
 def check_latex(text: str) -> list[str]:
@@ -40,7 +58,7 @@ def check_latex(text: str) -> list[str]:
         r"\\begin\{tabular\}\{([^}]*)\}(.*?)\\end\{tabular\}", text, flags=re.S
     ):
         ncols = _count_columns(colspec)
-        for number, row in enumerate(re.split(r"\\\\", body), start=1):
+        for number, row in enumerate(_rows(body), start=1):
             content = re.sub(r"\\(top|mid|bottom)rule|\\cmidrule(\([a-z]*\))?\{[^}]*\}", "", row)
             if not content.strip():
                 continue

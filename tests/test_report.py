@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,10 @@ import pytest
 import yaml
 from helpers import wandb_log_holding
 from latex_check import check_latex
+from latex_compile import compile_table, environment_of, find_pdflatex, needed_packages
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from omegaconf import OmegaConf
+from PIL import Image
 from scipy import stats
 
 from owdfa_bench.records import config_hash
@@ -22,7 +26,14 @@ from owdfa_bench.report.collect import load_records
 from owdfa_bench.report.main import AggregateCallback, cli_aggregate, write_report, write_tables
 from owdfa_bench.report.naming import METHOD_CONF_DIR, display_for
 from owdfa_bench.report.paper import PAPER_DIR
-from owdfa_bench.report.plots import family_order, line_style, plot_diagnostics, write_plots
+from owdfa_bench.report.plots import (
+    family_order,
+    line_style,
+    plot_accuracy_bars,
+    plot_diagnostics,
+    write_plots,
+)
+from owdfa_bench.report.render import LATEX_ENVIRONMENTS, column_chunks, two_line_head
 from owdfa_bench.report.summarise import epoch_curves, summarise
 from owdfa_bench.report.validate import validate
 
@@ -511,6 +522,149 @@ def test_ci_interval_and_welch_marks_match_scipy(tmp_path):
     assert (acc["best_method"] == "cpl").all() and "cpl" not in acc.index
 
 
+# --------------------------------------------------------------------------- LaTeX layout
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED_TEX = sorted((REPO / "results").glob("*/*.tex"))
+
+
+def test_latex_has_one_tabular_per_protocol_holding_the_rows_with_values(tables):
+    tex = tables["acc_tex"].read_text()
+    assert tex.count(r"\begin{tabular}") == 2  # P1 and P2 stacked, not side by side
+    assert r"\multicolumn{3}{c}{P1}" in tex and r"\multicolumn{3}{c}{P2}" in tex
+    assert tex.count("CAL (K unknown)") == 1  # a P1 cell only: no empty P2 row
+    assert tex.count(r"\resizebox{\linewidth}{!}") == 2  # each shrunk where wider
+    assert needed_packages(tex) == ["booktabs", "graphicx"] and environment_of(tex) == "table"
+
+
+def test_diagnostic_heads_and_column_groups():
+    assert two_line_head("All NMI") == "All NMI"
+    assert two_line_head("pseudo noise (confident)") == r"\shortstack{pseudo noise\\(confident)}"
+    assert two_line_head("wall s / run") == r"\shortstack{wall s\\/ run}"
+    assert [len(c) for c in column_chunks(13, 4)] == [4, 3, 3, 3]
+    assert [list(c) for c in column_chunks(5, 4)] == [[0, 1, 2], [3, 4]]
+    assert [len(c) for c in column_chunks(4, 4)] == [4]
+
+
+def test_latex_environment_option(sweep, tmp_path):
+    bare = write_tables(sweep, tmp_path / "bare", latex_env="tabular")
+    for name in ("acc_tex", "nmi_ari_tex", "diagnostics_tex"):
+        text = bare[name].read_text()
+        assert r"\begin{table" not in text and r"\caption{" not in text
+        assert "% Caption: " in text and check_latex(text) == []
+    wide = write_tables(sweep, tmp_path / "wide", latex_env="table*")["acc_tex"].read_text()
+    assert r"\begin{table*}[t]" in wide and wide.rstrip().endswith(r"\end{table*}")
+    with pytest.raises(ValueError, match="table, table\\*, tabular"):
+        write_tables(sweep, tmp_path / "bad", latex_env="longtable")
+    with pytest.raises(SystemExit):
+        cli_aggregate([str(sweep), "--latex-env", "longtable"])
+
+
+def test_diagnostics_latex_in_parts_of_four_columns(tmp_path):
+    out = tmp_path / "tables"
+    paths = write_tables(diagnostic_sweep(tmp_path / "sweep"), out)
+    parts = [paths[n] for n in ("diagnostics_tex", *[f"diagnostics_{i}_tex" for i in (2, 3)])]
+    assert sorted(out.glob("diagnostics*.tex")) == sorted(parts)  # 12 columns: 4 + 4 + 4
+    first = parts[0].read_text()
+    assert r"\label{tab:owdfa-diagnostics}" in first and "n = seeds per cell" in first
+    assert r"Table~\ref{tab:owdfa-diagnostics}" in parts[1].read_text()
+    assert "CAL (K unknown)" in first  # K folded into the method
+    for part in parts:
+        assert check_latex(part.read_text()) == []
+        spec = re.search(r"\\begin\{tabular\}\{(\w+)\}", part.read_text()).group(1)
+        assert spec.startswith("lll") and len(spec) <= 3 + 4
+    # a later aggregate with fewer diagnostic columns leaves no stale part behind
+    write_tables(make_sweep(tmp_path / "old"), out)
+    assert [p.name for p in sorted(out.glob("diagnostics*.tex"))] == [
+        "diagnostics.tex",
+        "diagnostics_2.tex",
+    ]
+
+
+def test_rerender_keeps_the_numbers_and_changes_the_latex(sweep, tmp_path, capsys):
+    out = tmp_path / "tables"
+    write_tables(sweep, out)
+    before = {p.name: p.read_text() for p in out.iterdir() if p.is_file()}
+    assert cli_aggregate([str(out), "--rerender", "--no-plots", "--latex-env", "tabular"]) == 0
+    after = {p.name: p.read_text() for p in out.iterdir() if p.is_file()}
+    assert after.keys() == before.keys()
+    for name in before:
+        if name.endswith(".tex"):
+            assert after[name] != before[name] and environment_of(after[name]) == "tabular"
+        else:  # the Markdown tables (their numbers) and the CSVs are unchanged
+            assert after[name] == before[name], name
+    assert "rendered again" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli_aggregate([str(out), "--rerender", "--ci"])
+
+
+# --------------------------------------------------------------------------- LaTeX compiled
+@pytest.fixture(scope="module")
+def pdflatex() -> str:
+    found = find_pdflatex()
+    if found is None:
+        pytest.skip(
+            "pdflatex is absent and could not be installed (tests/latex/install.sh apt-gets "
+            "texlive-latex-recommended as root)"
+        )
+    return found
+
+
+def test_the_compile_check_sees_errors_and_tables_wider_than_the_text(pdflatex, tmp_path):
+    fits = compile_table(r"\begin{tabular}{l}fits\end{tabular}", tmp_path / "ok", "table", pdflatex)
+    assert fits.problems() == [] and fits.returncode == 0
+    wide = r"\begin{tabular}{l}" + "word " * 100 + r"\end{tabular}"
+    too_wide = compile_table(wide, tmp_path / "wide", "table", pdflatex)
+    assert too_wide.errors == [] and too_wide.overfull_pt and too_wide.overfull_pt[0] > 100
+    assert "wider than the text" in too_wide.problems()[0]
+    broken = compile_table(r"\toprule", tmp_path / "broken", "table", pdflatex)  # no booktabs
+    assert broken.returncode != 0 and "Undefined control sequence" in broken.problems()[0]
+
+
+def compiled_problems(paths: dict[str, Path], build: Path, environment: str) -> dict[str, list]:
+    """Every .tex of `paths` compiled in `environment`: file name -> its problems."""
+    texs = sorted({p for name, p in paths.items() if name.endswith("_tex")})
+    problems = {}
+    for tex in texs:
+        text = tex.read_text()
+        assert environment_of(text) == environment
+        compiled = compile_table(text, build / tex.stem, environment)
+        problems[tex.name] = compiled.problems()
+    return problems
+
+
+@pytest.mark.parametrize("environment", LATEX_ENVIRONMENTS)
+def test_every_latex_table_compiles_and_fits_the_text(environment, sweep, pdflatex, tmp_path):
+    """The tables of the report fixtures, with every mark (dagger, approx), paper rows and
+    diagnostics in parts: compiled by pdflatex with no error, nothing wider than the text."""
+    marked = write_tables(
+        sweep, tmp_path / "marked", compare_paper=True, ci=True, latex_env=environment
+    )
+    diagnostics = write_tables(
+        diagnostic_sweep(tmp_path / "diag_sweep"), tmp_path / "diag", latex_env=environment
+    )
+    problems = compiled_problems(marked, tmp_path / "build_marked", environment)
+    problems |= {
+        f"diag/{name}": found
+        for name, found in compiled_problems(
+            diagnostics, tmp_path / "build_diag", environment
+        ).items()
+    }
+    assert len(problems) == 4 + 5  # acc, nmi_ari, 2 + 3 diagnostics parts
+    assert {name: found for name, found in problems.items() if found} == {}
+
+
+@pytest.mark.parametrize(
+    "tex", COMMITTED_TEX, ids=[p.relative_to(REPO).as_posix() for p in COMMITTED_TEX]
+)
+def test_committed_latex_tables_compile_and_fit_the_text(tex, pdflatex, tmp_path):
+    text = tex.read_text()
+    assert compile_table(text, tmp_path, environment_of(text), pdflatex).problems() == []
+
+
+def test_committed_results_have_latex_tables():
+    assert len(COMMITTED_TEX) >= 9  # the three synth folders: acc, nmi_ari, diagnostics (+ parts)
+
+
 # --------------------------------------------------------------------------- diagnostics
 def diagnostic_metrics(epoch: int, seed: int, known_gap: bool = True) -> dict:
     offset = 0.01 * (seed - 2025)
@@ -625,6 +779,34 @@ def test_plots_written_as_png_and_pdf(tmp_path):
     assert all(p.stat().st_size > 1000 for p in written)
 
 
+def test_accuracy_figure_is_a_text_width_wide_and_its_legend_hides_no_bar(tmp_path):
+    """16 methods on P1, 3 of them on P2 too: panels stacked, the figure stays 7 in wide (it grew
+    by 1.2 in per method and protocol), the legend sits outside every panel, nothing is cut."""
+    sweep = tmp_path / "sweep"
+    for i in range(16):
+        for protocol in ("p1", "p2") if i < 3 else ("p1",):
+            for seed in SEEDS:
+                record = make_record("cal", protocol, "known", seed)
+                record["method"] = record["config"]["method"]["name"] = f"method_{i:02d}"
+                write_record(sweep, record)
+    fig = plot_accuracy_bars(summarise(load_records(sweep)))
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    assert [len(ax.get_xticks()) for ax in fig.axes] == [16, 3]  # each panel: its cells
+    legend = fig.legends[0].get_window_extent(renderer)
+    for ax in fig.axes:  # the panel with its tick labels and title
+        assert not legend.overlaps(ax.get_tightbbox(renderer))
+    drawn, canvas_in = fig.get_tightbbox(renderer), fig.bbox_inches
+    assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01  # in inches: nothing off the canvas
+    assert drawn.x1 <= canvas_in.x1 + 0.01 and drawn.y1 <= canvas_in.y1 + 0.01
+
+    (png,) = [p for p in write_plots(sweep, tmp_path / "plots") if p.name == "acc_bars.png"]
+    with Image.open(png) as image:
+        width_in, height_in = (pixels / 150 for pixels in image.size)
+    assert 6.5 <= width_in <= 7.5 and 3.0 <= height_in <= 7.5
+
+
 # --------------------------------------------------------------------------- W&B
 def test_wandb_offline_aggregate_run_holds_the_table(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -674,14 +856,14 @@ def test_cli_and_hydra_callback(sweep, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli_aggregate([str(tmp_path / "empty"), "--no-plots"]) == 1
 
-    callback = AggregateCallback(plots=False)
+    callback = AggregateCallback(plots=False, latex_env="table*")
     callback.on_multirun_end(
         OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "nope")}}})
     )
     capsys.readouterr()
     copy = make_sweep(tmp_path / "copy")
     callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(copy)}}}))
-    assert (copy / "tables" / "acc.tex").is_file()
+    assert r"\begin{table*}" in (copy / "tables" / "acc.tex").read_text()
     assert (copy / "tables" / "diagnostics.md").is_file()
     assert capsys.readouterr().out.count("Accuracy (%), mean") == 1
 

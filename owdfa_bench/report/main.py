@@ -8,13 +8,15 @@ end-of-multirun callback.
   (and, with `--ci`, the half-width of the 95% t-interval, `<metric>_ci95`);
 - `acc.md` / `acc.tex` and `nmi_ari.md` / `nmi_ari.tex`: the paper layout, with a caption that
   states the metric convention, the checkpoint rule and whether the data is synthetic;
-- `diagnostics.md` / `.csv` / `.tex`: the mechanism diagnostics per cell;
+- `diagnostics.md` / `.csv` / `.tex`: the mechanism diagnostics per cell (LaTeX: four
+  diagnostic columns per table, `diagnostics_2.tex` ... for the others);
 - `issues.txt`: everything that makes the numbers less than a clean sweep;
 - with `--compare-paper`: `paper_comparison.md` / `.csv`, ours beside results/paper, with the
   precision each cell trained at;
 - with `--ci`: `significance.csv`, the Welch p-values behind the marks.
 
 `write_report` adds the figures (`plots/`) and the W&B run of `owdfa_bench/report/tracking.py`.
+`rerender_tables` renders the tables of such a folder again from its CSV files (`--rerender`).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from owdfa_bench.report.paper import (
     paper_table,
     precision_note,
 )
-from owdfa_bench.report.plots import write_plots
+from owdfa_bench.report.plots import plot_accuracy_bars, save_figure, write_plots
 from owdfa_bench.report.render import (
+    DEFAULT_LATEX_ENVIRONMENT,
+    LATEX_ENVIRONMENTS,
     NMI_ARI_COLUMNS,
     NMI_ARI_CONVENTION_NOTE,
     REAL_COLUMN,
@@ -84,6 +88,11 @@ def _paper_notes(used: pd.DataFrame, benchmark: str, comparable: bool) -> tuple[
     return note, caveat
 
 
+def check_latex_env(latex_env: str) -> None:
+    if latex_env not in LATEX_ENVIRONMENTS:
+        raise ValueError(f"latex_env={latex_env!r}: choose one of {', '.join(LATEX_ENVIRONMENTS)}")
+
+
 def write_tables(
     sweep_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -92,10 +101,13 @@ def write_tables(
     ci: bool = False,
     records: pd.DataFrame | None = None,
     frames: dict[str, pd.DataFrame] | None = None,
+    latex_env: str = DEFAULT_LATEX_ENVIRONMENT,
 ) -> dict[str, Path]:
     """Write the files listed in the module docstring into `out_dir` (default
     `<sweep_dir>/tables`); the tables only when some run completed. `frames`, when given,
-    receives the display tables (for the W&B run)."""
+    receives the display tables (for the W&B run). `latex_env`: what wraps each LaTeX tabular
+    (`LATEX_ENVIRONMENTS`: a `table` or `table*` float, or the bare `tabular`)."""
+    check_latex_env(latex_env)
     df = records if records is not None else load_records(sweep_dir)
     frames = frames if frames is not None else {}
     issues = validate(df)
@@ -144,6 +156,30 @@ def write_tables(
         frames["paper_comparison"] = comparison
 
     excluded = int((reasons != "").sum())
+    paths |= write_result_tables(
+        out, summary, used, excluded, paper, paper_note, ci, latex_env, frames
+    )
+    diagnostics = diagnostics_summary(df)
+    paths["diagnostics"] = out / "diagnostics.csv"
+    diagnostics.to_csv(paths["diagnostics"], index=False)
+    paths |= write_diagnostics(out, diagnostics, used, latex_env, frames)
+    return paths
+
+
+def write_result_tables(
+    out: Path,
+    summary: pd.DataFrame,
+    used: pd.DataFrame,
+    excluded: int,
+    paper: pd.DataFrame | None,
+    paper_note: str | None,
+    ci: bool,
+    latex_env: str,
+    frames: dict[str, pd.DataFrame],
+) -> dict[str, Path]:
+    """acc and nmi_ari, .md and .tex (and significance.csv with `ci`) from the summary and the
+    included runs `used`."""
+    paths: dict[str, Path] = {}
     columns = acc_columns(summary)
     convention = metric_convention_note()
     if REAL_COLUMN in columns:
@@ -165,7 +201,8 @@ def write_tables(
         paths[f"{name}_md"] = out / f"{name}.md"
         paths[f"{name}_md"].write_text(render_markdown(table, caption, notes), encoding="utf-8")
         paths[f"{name}_tex"] = out / f"{name}.tex"
-        tex = render_latex(table, caption, notes, label=f"tab:owdfa-{name.replace('_', '-')}")
+        label = f"tab:owdfa-{name.replace('_', '-')}"
+        tex = render_latex(table, caption, notes, label=label, environment=latex_env)
         paths[f"{name}_tex"].write_text(tex, encoding="utf-8")
         frames[name] = numeric_frame(table)  # for W&B: columns that sort
         if ci:
@@ -173,19 +210,54 @@ def write_tables(
     if ci:
         paths["significance"] = out / "significance.csv"
         pd.concat(significance, ignore_index=True).to_csv(paths["significance"], index=False)
+    return paths
 
-    diagnostics = diagnostics_summary(df)
-    paths["diagnostics"] = out / "diagnostics.csv"
-    diagnostics.to_csv(paths["diagnostics"], index=False)
+
+def write_diagnostics(
+    out: Path,
+    diagnostics: pd.DataFrame,
+    used: pd.DataFrame,
+    latex_env: str,
+    frames: dict[str, pd.DataFrame],
+) -> dict[str, Path]:
+    """diagnostics.md and .tex from `diagnostics_summary` (diagnostics.csv)."""
+    paths: dict[str, Path] = {}
     shown = diagnostics_frame(diagnostics)
     caption = diagnostics_caption(diagnostics, used)
     paths["diagnostics_md"] = out / "diagnostics.md"
     paths["diagnostics_md"].write_text(
         render_diagnostics_markdown(shown, caption), encoding="utf-8"
     )
-    paths["diagnostics_tex"] = out / "diagnostics.tex"
-    paths["diagnostics_tex"].write_text(render_diagnostics_latex(shown, caption), encoding="utf-8")
-    frames["diagnostics"] = diagnostics
+    for stale in out.glob("diagnostics_[0-9]*.tex"):  # parts of an earlier, wider render
+        stale.unlink()
+    for number, tex in enumerate(render_diagnostics_latex(shown, caption, latex_env), start=1):
+        name = "diagnostics" if number == 1 else f"diagnostics_{number}"
+        paths[f"{name}_tex"] = out / f"{name}.tex"
+        paths[f"{name}_tex"].write_text(tex, encoding="utf-8")
+    frames["diagnostics"] = diagnostics  # for W&B: the numbers
+    return paths
+
+
+def rerender_tables(
+    tables_dir: str | Path, latex_env: str = DEFAULT_LATEX_ENVIRONMENT, plots: bool = True
+) -> dict[str, Path]:
+    """Render again, in place, the Markdown and LaTeX tables and the accuracy figure of a folder
+    `write_tables` wrote, from its runs.csv, summary.csv and diagnostics.csv alone: for a new
+    layout or LaTeX environment where the results.json files are gone. Only the layout can
+    change: the numbers are those of the CSV files (tables of `--compare-paper` or `--ci` are
+    not re-rendered: the paper rows and the per-seed tests are not in these files)."""
+    check_latex_env(latex_env)
+    out = Path(tables_dir)
+    runs = pd.read_csv(out / "runs.csv")
+    summary = pd.read_csv(out / "summary.csv")
+    used = runs[runs["included"]]
+    excluded = int((~runs["included"]).sum())
+    frames: dict[str, pd.DataFrame] = {}
+    paths = write_result_tables(out, summary, used, excluded, None, None, False, latex_env, frames)
+    paths |= write_diagnostics(out, pd.read_csv(out / "diagnostics.csv"), used, latex_env, frames)
+    if plots:
+        paths["plots"] = out / "plots"
+        save_figure(plot_accuracy_bars(summary), paths["plots"] / "acc_bars")
     return paths
 
 
@@ -198,6 +270,7 @@ def write_report(
     plots: bool = True,
     wandb_mode: str | None = "auto",
     wandb_project: str | None = None,
+    latex_env: str = DEFAULT_LATEX_ENVIRONMENT,
 ) -> dict[str, Path]:
     """`write_tables`, then the figures (`<out>/plots`) and the W&B aggregate run.
 
@@ -206,7 +279,9 @@ def write_report(
     out = Path(out_dir) if out_dir is not None else Path(sweep_dir) / "tables"
     df = load_records(sweep_dir)
     frames: dict[str, pd.DataFrame] = {}
-    paths = write_tables(sweep_dir, out, compare_paper, paper_dir, ci, records=df, frames=frames)
+    paths = write_tables(
+        sweep_dir, out, compare_paper, paper_dir, ci, df, frames, latex_env=latex_env
+    )
     if "acc_md" not in paths:
         return paths
     figures = write_plots(sweep_dir, out / "plots", records=df) if plots else []
@@ -278,6 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
         "does not separate from the best of their column (p >= 0.05) are marked",
     )
     parser.add_argument(
+        "--latex-env",
+        choices=LATEX_ENVIRONMENTS,
+        default=DEFAULT_LATEX_ENVIRONMENT,
+        help="what wraps each LaTeX tabular: a table float (default), a table* float spanning "
+        "both columns of a two-column paper, or the bare tabular, to \\input into a float of "
+        "your own; every .tex needs \\usepackage{booktabs,graphicx}",
+    )
+    parser.add_argument(
+        "--rerender",
+        action="store_true",
+        help="SWEEP_DIR is a folder this command wrote: render its Markdown and LaTeX tables "
+        "and acc_bars again, in place, from its runs.csv, summary.csv and diagnostics.csv "
+        "(for another --latex-env or layout; not with --ci or --compare-paper)",
+    )
+    parser.add_argument(
         "--wandb-mode",
         choices=MODES,
         default="auto",
@@ -294,11 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_aggregate(argv: list[str]) -> int:
     """`owdfa-bench aggregate SWEEP_DIR [--out DIR] [--compare-paper] [--no-plots] [--ci]
-    [--wandb-mode MODE] [--wandb-project NAME]`."""
+    [--latex-env ENV] [--rerender] [--wandb-mode MODE] [--wandb-project NAME]`."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a folder; pass the sweep folder of a multirun")
+    if args.rerender:
+        if args.ci or args.compare_paper or args.out is not None:
+            parser.error("--rerender renders in place, without --ci, --compare-paper or --out")
+        if not (args.sweep_dir / "summary.csv").is_file():
+            parser.error(f"--rerender: {args.sweep_dir} has no summary.csv of this command")
+        paths = rerender_tables(args.sweep_dir, args.latex_env, plots=not args.no_plots)
+        print(f"Tables rendered again in {args.sweep_dir}: {len(paths)} files")
+        return 0
     paths = write_report(
         args.sweep_dir,
         args.out,
@@ -307,6 +405,7 @@ def cli_aggregate(argv: list[str]) -> int:
         plots=not args.no_plots,
         wandb_mode=args.wandb_mode,
         wandb_project=args.wandb_project,
+        latex_env=args.latex_env,
     )
     print_report(paths)
     return 0 if "acc_md" in paths else 1
@@ -316,7 +415,8 @@ class AggregateCallback(Callback):
     """Hydra callback: write the report of the sweep when a multirun ends, print its table once.
 
     Enabled in `conf/config.yaml` (`hydra.callbacks.aggregate`); its arguments are those of
-    `write_report`, e.g. `+hydra.callbacks.aggregate.ci=true`. A failure here is logged, never
+    `write_report`, e.g. `+hydra.callbacks.aggregate.ci=true` or
+    `+hydra.callbacks.aggregate.latex_env=tabular`. A failure here is logged, never
     raised: the runs themselves are already on disk.
     """
 
@@ -327,8 +427,10 @@ class AggregateCallback(Callback):
         ci: bool = False,
         wandb_mode: str | None = "auto",
         wandb_project: str | None = None,
+        latex_env: str = DEFAULT_LATEX_ENVIRONMENT,
     ) -> None:
         self.options: dict[str, Any] = {
+            "latex_env": latex_env,
             "compare_paper": compare_paper,
             "plots": plots,
             "ci": ci,

@@ -42,12 +42,13 @@ log = logging.getLogger(__name__)
 
 
 def save_figure(fig: Figure, stem: Path) -> list[Path]:
-    """`stem`.png (150 dpi) and `stem`.pdf."""
+    """`stem`.png (150 dpi) and `stem`.pdf, cropped to what is drawn (`bbox_inches="tight"`:
+    nothing that sticks out of the canvas is cut off)."""
     FigureCanvasAgg(fig)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1])
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
     return paths
 
 
@@ -58,44 +59,57 @@ def _pairs(frame: pd.DataFrame) -> list[tuple[Any, Any, str]]:
     return [(m, k, str(first.loc[(m, k), "display_name"])) for m, k in keys]
 
 
+# A paper's text width (a one-column article's is 4.8 in, a two-column paper's figure* 7 in).
+ACC_FIGURE_WIDTH_IN = 7.0
+ACC_PANEL_HEIGHT_IN = 2.4
+
+
 def plot_accuracy_bars(summary: pd.DataFrame) -> Figure:
-    """One panel per protocol; per method, bars for All / Known / Novel ACC with std error bars."""
+    """One panel per protocol, stacked, each with the cells that ran in it: per method, bars for
+    All / Known / Novel ACC with std error bars. The legend sits under the panels, outside them,
+    so no bar is hidden; the width is a paper's text width whatever the number of methods."""
     protocols = sorted(summary["protocol"].astype(str).unique(), key=natural_key)
     pairs = _pairs(summary)
     indexed = summary.set_index(["method", "k", "protocol"])
-    fig = Figure(figsize=(max(4.0, 1.2 * len(pairs)) * len(protocols), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(protocols), sharey=True, squeeze=False)[0]
+    height = 0.8 + ACC_PANEL_HEIGHT_IN * len(protocols)
+    fig = Figure(figsize=(ACC_FIGURE_WIDTH_IN, height), layout="constrained")
+    axes = fig.subplots(len(protocols), 1, sharey=True, squeeze=False)[:, 0]
     width = 0.8 / len(ACC_COLUMNS)
-    x = np.arange(len(pairs))
+    ran = {
+        p: [(m, k, name) for m, k, name in pairs if (m, k, p) in indexed.index] for p in protocols
+    }
+    slots = max(4, *(len(cells) for cells in ran.values()))  # one bar width in every panel
     for ax, protocol, title in zip(axes, protocols, protocol_headers(protocols)):
+        present = ran[protocol]
+        x = np.arange(len(present))
         labels = []
-        for method, k, name in pairs:
-            key = (method, k, protocol)
-            n = int(indexed.loc[key, "n"]) if key in indexed.index else 0
-            few = f"\n(n={n})" if 0 < n < MIN_SEEDS else ""
-            labels.append(row_label(name, k).replace(" (K unknown)", "\n(K unknown)") + few)
-            if n == 0:
-                ax.text(len(labels) - 1, 2, "no run", ha="center", fontsize=8, color="grey")
+        for method, k, name in present:
+            n = int(indexed.loc[(method, k, protocol), "n"])
+            few = f" (n={n})" if n < MIN_SEEDS else ""
+            labels.append(row_label(name, k) + few)
         for j, (metric, label) in enumerate(ACC_COLUMNS):
             means, stds = [], []
-            for method, k, _ in pairs:
-                key = (method, k, protocol)
-                found = key in indexed.index and f"{metric}_mean" in indexed.columns
-                mean = indexed.loc[key, f"{metric}_mean"] if found else math.nan
-                std = indexed.loc[key, f"{metric}_std"] if found else math.nan
-                means.append(100 * mean)
+            for method, k, _ in present:
+                entry = indexed.loc[(method, k, protocol)]
+                found = f"{metric}_mean" in indexed.columns
+                means.append(100 * entry[f"{metric}_mean"] if found else math.nan)
+                std = entry[f"{metric}_std"] if found else math.nan
                 stds.append(0.0 if pd.isna(std) else 100 * std)  # one seed: no error bar
-            ax.bar(x + (j - 1) * width, means, width, yerr=stds, capsize=2, label=label)
-        ax.set_title(title)
-        ax.set_xticks(x, labels, fontsize=8)
+            ax.bar(x + (j - 1) * width, means, width, yerr=stds, capsize=1.5, label=label)
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.set_xticks(x, labels, fontsize=7, rotation=35, ha="right", rotation_mode="anchor")
+        ax.set_xlim(-0.6, slots - 0.4)
         ax.set_ylim(0, 100)
+        ax.set_ylabel("ACC (%)", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("ACC (%)")
-    axes[-1].legend(loc="lower right", fontsize=8)
     title = "ACC (%), mean \u00b1 std over seeds"
     if summary["synthetic"].eq(True).any():
         title += f" ({SYNTHETIC_NOTE})"
     fig.suptitle(title, fontsize=10)
+    fig.legend(
+        *axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8
+    )
     return fig
 
 

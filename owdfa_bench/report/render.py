@@ -9,16 +9,20 @@ from the best one of its column. The best mean of each column among the methods 
 bound) is bold.
 
 Markdown comes from `DataFrame.to_markdown`; LaTeX from pandas' `Styler.to_latex` with booktabs
-rules (`hrules`), the bold cells set through `Styler.apply`, and three additions the Styler has
-no option for: a `\\cmidrule` under each protocol group, a `\\midrule` between the bounds and the
-methods, and the footnotes under the tabular.
+rules (`hrules`), the bold cells set through `Styler.apply`, and what the Styler has no option
+for: a `\\cmidrule` under each protocol title, a `\\midrule` between the bounds and the methods,
+the footnotes under the tabulars. So that a table fits the text width, LaTeX has one tabular per
+protocol group (stacked in one float) and the diagnostics four columns per table, each tabular
+shrunk to the line width by `\\resizebox` only where still wider. The wrapping is a choice
+(`LATEX_ENVIRONMENTS`): a `table` float, a `table*` one, or the bare tabulars to `\\input` into a
+float of the user's; each .tex names the packages it needs in its leading comment.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -346,15 +350,13 @@ def render_markdown(table: Table, caption: str, footnotes: Sequence[str]) -> str
     return "\n".join(parts) + "\n"
 
 
-def _styler_latex(
+def _styler_tabular(
     frame: pd.DataFrame,
-    caption: str,
-    label: str,
     column_format: str,
     style: Callable[[Any], Any] | None = None,
     index_style: Callable[[Any], Any] | None = None,
 ) -> list[str]:
-    """`Styler.to_latex` of an already escaped frame, as lines."""
+    """`Styler.to_latex` of an already escaped frame: the bare tabular, as lines."""
     styler = frame.style
     if style is not None:
         styler = styler.apply(style, axis=None)
@@ -366,29 +368,88 @@ def _styler_latex(
         and (frame.index.equals(pd.RangeIndex(len(frame))))
     ):
         styler = styler.hide(axis="index")
-    text = styler.to_latex(
-        column_format=column_format,
-        hrules=True,
-        multicol_align="c",
-        caption=latex_escape(caption),
-        label=label,
-        position="t",
-        position_float="centering",
-        environment="table",
-    )
+    text = styler.to_latex(column_format=column_format, hrules=True, multicol_align="c")
     return text.splitlines()
 
 
-def _with_footnotes(lines: list[str], footnotes: Sequence[str]) -> str:
-    end = max(i for i, line in enumerate(lines) if line.strip() == r"\end{table}")
-    notes = [rf"\par\smallskip{{\footnotesize {latex_escape(note)}}}" for note in footnotes]
-    return "\n".join(lines[:end] + notes + lines[end:]) + "\n"
+# How a .tex file is wrapped: a float of its own (`table`; `table*` spans both columns of a
+# two-column document), or the bare tabulars, to `\input` into a float of the user's.
+LATEX_ENVIRONMENTS = ("table", "table*", "tabular")
+DEFAULT_LATEX_ENVIRONMENT = "table"
+LATEX_PACKAGES = ("booktabs", "graphicx")
+FIT_BOX = r"\owdfafitbox"
 
 
-def render_latex(table: Table, caption: str, footnotes: Sequence[str], label: str) -> str:
-    """booktabs LaTeX through `Styler.to_latex`; the bold best means via `Styler.apply`."""
+def latex_preamble_comment(environment: str) -> list[str]:
+    """The leading comment of every .tex file: what it is and the packages it needs."""
+    return [
+        f"% owdfa-bench aggregate, LaTeX environment: {environment}.",
+        rf"% Needs \usepackage{{{','.join(LATEX_PACKAGES)}}}: booktabs for the rules, graphicx "
+        r"for \resizebox,",
+        "% which shrinks a tabular wider than the line (never enlarges one).",
+    ]
+
+
+def fit_to_line(tabular: Sequence[str]) -> list[str]:
+    """The tabular, measured in a box and shrunk to `\\linewidth` only when wider."""
+    return [
+        rf"\ifdefined{FIT_BOX}\else\newsavebox{{{FIT_BOX}}}\fi",
+        rf"\sbox{{{FIT_BOX}}}{{%",
+        *tabular[:-1],
+        f"{tabular[-1]}}}%",  # no space after \end{tabular} inside the box
+        rf"\ifdim\wd{FIT_BOX}>\linewidth\resizebox{{\linewidth}}{{!}}{{\usebox{{{FIT_BOX}}}}}"
+        rf"\else\usebox{{{FIT_BOX}}}\fi",
+    ]
+
+
+def latex_float(
+    tabulars: Sequence[Sequence[str]],
+    caption_tex: str,
+    label: str,
+    environment: str,
+    footnotes: Sequence[str] = (),
+) -> list[str]:
+    """Tabulars stacked in one float with its caption (LaTeX already), label and footnotes; for
+    `tabular`, the stacked tabulars and footnotes alone, the caption left as a comment for the
+    user's own float."""
+    if environment not in LATEX_ENVIRONMENTS:
+        raise ValueError(
+            f"LaTeX environment {environment!r}: choose one of {', '.join(LATEX_ENVIRONMENTS)}"
+        )
+    body: list[str] = []
+    for i, tabular in enumerate(tabulars):
+        if i:
+            body.append(r"\par\bigskip")
+        body += fit_to_line(tabular)
+    body += [rf"\par\smallskip{{\footnotesize {latex_escape(note)}}}" for note in footnotes]
+    if environment == "tabular":
+        return [f"% Caption: {caption_tex}", f"% Label: {label}", *body]
+    return [
+        rf"\begin{{{environment}}}[t]",
+        r"\centering",
+        rf"\caption{{{caption_tex}}}",
+        rf"\label{{{label}}}",
+        *body,
+        rf"\end{{{environment}}}",
+    ]
+
+
+def protocol_tables(table: Table) -> list[Table]:
+    """One table per protocol group, holding the rows with some value in it; the marks (bold,
+    significance) stay those set over the whole table."""
     width = len(table.headers)
-    titles = protocol_headers(table.protocols)
+    parts = []
+    for i, protocol in enumerate(table.protocols):
+        rows = [replace(r, cells=r.cells[i * width : (i + 1) * width]) for r in table.rows]
+        rows = [r for r in rows if any(c is not None for c in r.cells)]
+        parts.append(Table([protocol], table.headers, table.metrics, rows, table.ci))
+    return parts
+
+
+def render_tabular(table: Table, titles: Sequence[str]) -> list[str]:
+    """The booktabs tabular of a table: a protocol title over each group of short column heads,
+    a `\\cmidrule` under each title, a `\\midrule` between the bounds and the methods."""
+    width = len(table.headers)
     columns = pd.MultiIndex.from_tuples(
         [(latex_escape(t), latex_escape(h)) for t in titles for h in table.headers],
         names=[None, "Method"],
@@ -408,18 +469,15 @@ def render_latex(table: Table, caption: str, footnotes: Sequence[str], label: st
         columns=columns,
     )
     italic = ["textit:--rwrap;" if r.kind == "paper" else "" for r in table.rows]
-    lines = _styler_latex(
+    lines = _styler_tabular(
         frame,
-        caption,
-        label,
-        column_format="l " + " ".join("c" * width for _ in table.protocols),
+        column_format="l " + " ".join("c" * width for _ in titles),
         style=lambda _: bold,
         index_style=lambda _: italic,
     )
     top = lines.index(r"\toprule")
     rules = " ".join(
-        rf"\cmidrule(lr){{{2 + i * width}-{1 + (i + 1) * width}}}"
-        for i in range(len(table.protocols))
+        rf"\cmidrule(lr){{{2 + i * width}-{1 + (i + 1) * width}}}" for i in range(len(titles))
     )
     lines.insert(top + 2, rules)  # under the protocol titles
     body = lines.index(r"\midrule") + 1
@@ -431,7 +489,24 @@ def render_latex(table: Table, caption: str, footnotes: Sequence[str], label: st
             inserted += 1
         if row.kind != "paper":
             previous_kind = row.kind
-    return _with_footnotes(lines, footnotes)
+    return lines
+
+
+def render_latex(
+    table: Table,
+    caption: str,
+    footnotes: Sequence[str],
+    label: str,
+    environment: str = DEFAULT_LATEX_ENVIRONMENT,
+) -> str:
+    """booktabs LaTeX through `Styler.to_latex`, one tabular per protocol group (three groups
+    side by side are three times the text width), each shrunk to the line only where wider."""
+    titles = protocol_headers(table.protocols)
+    tabulars = [
+        render_tabular(part, [title]) for part, title in zip(protocol_tables(table), titles)
+    ]
+    lines = latex_float(tabulars, latex_escape(caption), label, environment, footnotes)
+    return "\n".join(latex_preamble_comment(environment) + lines) + "\n"
 
 
 def table_caption(
@@ -549,16 +624,70 @@ def render_diagnostics_markdown(frame: pd.DataFrame, caption: str) -> str:
     return f"{caption}\n\n{text}\n"
 
 
-def render_diagnostics_latex(frame: pd.DataFrame, caption: str) -> str:
-    escaped = frame.apply(lambda column: column.map(latex_escape))
-    escaped.columns = [latex_escape(c) for c in frame.columns]
-    lines = _styler_latex(
-        escaped.reset_index(drop=True),
-        caption,
-        "tab:owdfa-diagnostics",
-        column_format="lll" + "r" * (len(frame.columns) - 3),
+# Diagnostic columns per LaTeX table: with the method, protocol and seed columns, four fit the
+# text width of a one-column article at 0.9 scale or more; 18 side by side are 4x too wide.
+DIAGNOSTICS_PER_TABLE = 4
+DIAGNOSTICS_LABEL = "tab:owdfa-diagnostics"
+SEEDS_NOTE = "n = seeds per cell; P = protocol."
+
+
+def two_line_head(text: str, longest: int = 10) -> str:
+    """A column head as LaTeX on two lines, split at the space nearest its middle, when it is
+    longer than `longest` characters: the heads, not the numbers, made the columns wide."""
+    spaces = [i for i, ch in enumerate(text) if ch == " "]
+    if len(text) <= longest or not spaces:
+        return latex_escape(text)
+    cut = min(spaces, key=lambda i: abs(i - len(text) / 2))
+    return rf"\shortstack{{{latex_escape(text[:cut])}\\{latex_escape(text[cut + 1 :])}}}"
+
+
+def column_chunks(count: int, most: int) -> list[range]:
+    """`count` columns cut into the fewest ranges of at most `most`, as even as can be."""
+    parts = max(1, math.ceil(count / most))
+    sizes = [count // parts + (1 if i < count % parts else 0) for i in range(parts)]
+    starts = [sum(sizes[:i]) for i in range(parts)]
+    return [range(start, start + size) for start, size in zip(starts, sizes)]
+
+
+def render_diagnostics_latex(
+    frame: pd.DataFrame, caption: str, environment: str = DEFAULT_LATEX_ENVIRONMENT
+) -> list[str]:
+    """The diagnostics of `diagnostics_frame` as LaTeX tables of at most DIAGNOSTICS_PER_TABLE
+    diagnostic columns each, one file text per table (one float each, or one `\\input` into a
+    float of the user's), every one led by the method (K folded into its name as in the
+    accuracy tables), the protocol and the seeds. The first carries the caption and the label
+    `tab:owdfa-diagnostics`; the others refer to it."""
+    lead = pd.DataFrame(
+        {
+            "Method": [row_label(m, k) for m, k in zip(frame["Method"], frame["K"])],
+            "P": frame["Protocol"],
+            "n": frame["seeds"],
+        }
     )
-    return _with_footnotes(lines, [])
+    values = frame.drop(columns=["Method", "Protocol", "K", "seeds"])
+    chunks = column_chunks(values.shape[1], DIAGNOSTICS_PER_TABLE)
+    texts = []
+    for number, chunk in enumerate(chunks, start=1):
+        part = pd.concat([lead, values.iloc[:, list(chunk)]], axis=1)
+        escaped = part.apply(lambda column: column.map(latex_escape))
+        escaped.columns = [two_line_head(str(c)) for c in part.columns]
+        tabular = _styler_tabular(
+            escaped.reset_index(drop=True),
+            column_format="lll" + "r" * len(chunk),
+        )
+        if number == 1:
+            label = DIAGNOSTICS_LABEL
+            text = latex_escape(f"{caption.rstrip()} {SEEDS_NOTE}")
+        else:
+            label = f"{DIAGNOSTICS_LABEL}-{number}"
+            text = (
+                latex_escape(f"Mechanism diagnostics per cell, continued ({number} of ")
+                + f"{len(chunks)}): as in Table~\\ref{{{DIAGNOSTICS_LABEL}}}."
+            )
+        lines = latex_preamble_comment(environment)
+        lines += latex_float([tabular], text, label, environment)
+        texts.append("\n".join(lines) + "\n")
+    return texts
 
 
 # --------------------------------------------------------------------------- paper
