@@ -26,7 +26,7 @@ COMMANDS = {
     "evaluate": (
         "owdfa_bench.evaluate",
         "cli_evaluate",
-        "evaluate a checkpoint (ours or an official CAL release)",
+        "evaluate a run (its folder: its own config) or a checkpoint (an official CAL release)",
     ),
     "download": (
         "owdfa_bench.data.download",
