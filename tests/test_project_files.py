@@ -1,7 +1,7 @@
 """The files around the code (issue 20, item 7): CITATION.cff (YAML of the Citation File Format
 1.2.0: its required keys, the harness's version and licence, the papers of CAL and CPL as the
-method docstrings cite them) and CHANGELOG.md (Keep a Changelog). The LICENSE's way into the
-wheel and sdist is tests/test_packaging.py's."""
+method docstrings cite them), CHANGELOG.md (Keep a Changelog) and the README's mentions of them
+and of the new commands. The LICENSE's way into the wheel and sdist is tests/test_packaging.py's."""
 
 from __future__ import annotations
 
@@ -60,3 +60,12 @@ def test_changelog_keeps_a_changelog():
         "Fixed",
         "Security",
     }
+
+
+def test_readme_names_status_evaluate_of_a_run_citation_and_license():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert re.search(r"^owdfa-bench status outputs/\S+ ", readme, re.M)
+    assert re.search(r"^owdfa-bench evaluate outputs/\S+/seed-\d+ ", readme, re.M)
+    headings = re.findall(r"^## (.+)$", readme, re.M)
+    assert headings[-2:] == ["Citation", "License"]
+    assert "CITATION.cff" in readme and "MIT (`LICENSE`)" in readme
