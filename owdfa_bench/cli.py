@@ -4,6 +4,7 @@ tools around it."""
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import sys
 
 # command -> (module, function taking argv and returning an exit code, one-line help)
@@ -18,6 +19,11 @@ COMMANDS = {
         "cli_aggregate",
         "seed-aggregated tables, diagnostics and plots of a sweep folder",
     ),
+    "status": (
+        "owdfa_bench.status",
+        "cli_status",
+        "where each run of a sweep folder stands: complete, running, failed, missing, ...",
+    ),
     "synth-preview": (
         "owdfa_bench.data.synth",
         "cli_synth_preview",
@@ -26,7 +32,7 @@ COMMANDS = {
     "evaluate": (
         "owdfa_bench.evaluate",
         "cli_evaluate",
-        "evaluate a checkpoint (ours or an official CAL release)",
+        "evaluate a run folder with its own config, or a checkpoint (an official CAL release)",
     ),
     "download": (
         "owdfa_bench.data.download",
@@ -50,13 +56,28 @@ def usage() -> str:
     lines = ["usage: owdfa-bench <command> [args]", "", "commands:"]
     lines += [f"  {name:<14} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     lines += ["", "owdfa-bench train --help lists the config groups and Hydra's options."]
+    lines += ["owdfa-bench --version (-V) prints the version."]
     return "\n".join(lines)
+
+
+def package_version() -> str:
+    """The installed distribution's version; in a checkout that is not installed, the
+    package's own `__version__`."""
+    try:
+        return importlib.metadata.version("owdfa-bench")
+    except importlib.metadata.PackageNotFoundError:
+        from owdfa_bench import __version__
+
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"owdfa-bench {package_version()}")
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

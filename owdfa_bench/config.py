@@ -264,8 +264,11 @@ def check_config(cfg: DictConfig) -> None:
     check_method(cfg.method)
 
 
-def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The project config composed with Hydra's compose API (no run folder, no logging)."""
+def compose_config(
+    overrides: list[str] | tuple[str, ...] = (), config_name: str = "config"
+) -> DictConfig:
+    """The project config (or another primary config `config_name` of the config tree or the
+    ConfigStore) composed with Hydra's compose API (no run folder, no logging)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -274,4 +277,4 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name=config_name, overrides=list(overrides))

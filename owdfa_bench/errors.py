@@ -51,7 +51,8 @@ class CheckpointError(UserError, ValueError):
 
 
 class RunFolderError(UserError):
-    """A run folder that cannot be written (read-only, full): nothing complete-looking is left."""
+    """A run folder that cannot be written (read-only, full): nothing complete-looking is left;
+    or one that cannot be read as a run (no config.yaml, a config that no longer composes)."""
 
 
 class MissingWeightsError(UserError, RuntimeError):

@@ -1,8 +1,18 @@
 """`owdfa-bench evaluate`: score a checkpoint on a protocol's test split with our metrics.
 
+    owdfa-bench evaluate RUN_FOLDER [overrides...]
     owdfa-bench evaluate --ckpt FILE [--num-active N] [--out FILE] [overrides...]
-    e.g. owdfa-bench evaluate --ckpt wok_protocol1_seed2025.ckpt --num-active 58 \
+    e.g. owdfa-bench evaluate outputs/single/cal/p1/k-known/seed-2025 trainer=cpu
+         owdfa-bench evaluate --ckpt wok_protocol1_seed2025.ckpt --num-active 58 \
              data=owdfa40 data.root=/data/OWDFA40 protocol=p1 method=cal k=unknown
+
+A run of this harness is evaluated with its own config: given its folder, or its checkpoint
+`<run>/checkpoints/<file>`, the config is the run's `config.yaml` (`config.attempt.yaml` while
+the checkpoint belongs to an attempt beside a complete record, `compose_run_config`), the
+overrides go on top (`trainer=cpu`, `data.root=DIR` when the data moved), and the record is
+written into the run folder, `<run>/evaluate-<checkpoint name>.json`. A checkpoint elsewhere
+(an official release) is evaluated with the project config and the overrides, as a run would be
+composed, and its record goes to that config's `run_dir`.
 
 The data, the model and the Trainer come from the same config tree and functions as training
 (`owdfa_bench.runner`), and the test split is scored by `trainer.validate` through the method's
@@ -25,17 +35,149 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
+from hydra.errors import CompactHydraException
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from owdfa_bench import config
 from owdfa_bench.checkpoints import RESUME_KEY, read_checkpoint, state_dict_differences
 from owdfa_bench.config import check_config, compose_config
-from owdfa_bench.errors import CheckpointError, as_user_error, is_user_error, report_user_error
+from owdfa_bench.errors import (
+    CheckpointError,
+    ConfigValueError,
+    RunFolderError,
+    as_user_error,
+    is_user_error,
+    one_line,
+    report_user_error,
+)
+from owdfa_bench.records import ATTEMPT_CONFIG_FILE, ATTEMPT_FILE, CONFIG_FILE
 
 log = logging.getLogger(__name__)
 SUMMARY_KEYS = ("metrics", "num_clusters", "k_estimated", "per_class_acc", "confusion")
+# What a run is: a group override of these must name the run's own option (and changes nothing)
+CELL_GROUPS = ("data", "protocol", "method", "k")
+RUN_CONFIG_NAME = "evaluated_run"  # the ConfigStore name of the run's config while composing
+
+
+def run_folder_of(ckpt_path: Path) -> Path | None:
+    """The run folder a checkpoint `<run>/checkpoints/<file>` belongs to, when that folder
+    holds a run's config; None for a checkpoint elsewhere (an official release)."""
+    from owdfa_bench.runner import CHECKPOINT
+
+    folder = Path(ckpt_path).resolve().parent
+    if folder.name != CHECKPOINT.parent.name:
+        return None
+    run_dir = folder.parent
+    has_config = any((run_dir / name).is_file() for name in (CONFIG_FILE, ATTEMPT_CONFIG_FILE))
+    return run_dir if has_config else None
+
+
+def run_config_file(run_dir: Path) -> Path:
+    """The config of a run folder's checkpoint: `config.attempt.yaml` while an attempt's record
+    (`results.attempt.json`) stands beside a complete one (the checkpoint is the attempt's),
+    else `config.yaml`."""
+    attempt = run_dir / ATTEMPT_CONFIG_FILE
+    if (run_dir / ATTEMPT_FILE).is_file() and attempt.is_file():
+        return attempt
+    return run_dir / CONFIG_FILE
+
+
+def data_schema_of(run: dict[str, Any]) -> str | None:
+    """The ConfigStore schema of a run's data source (`<source>_schema`), from its `_target_`."""
+    target = (run.get("data") or {}).get("_target_")
+    for name, source in config.data_source_schemas().items():
+        if f"{source.__module__}.{source.__qualname__}" == target:
+            return f"{name}_schema"
+    return None
+
+
+def split_group_choices(
+    overrides: Sequence[str], run: dict[str, Any]
+) -> tuple[dict[str, str], list[str]]:
+    """({group: option} of the overrides that choose a config group, the other overrides).
+
+    A choice of a group that makes the cell (`CELL_GROUPS`) is left out when it names the run's
+    own option (a repeated training override) and refused otherwise: the evaluation would not
+    be of the run. Raises ConfigValueError for a sweep (`a,b`) and Hydra's error for an
+    override that does not parse.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    from owdfa_bench.resources import conf_dir
+
+    choices, keys = {}, []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        group = override.key_or_group
+        if override.is_sweep_override():
+            raise ConfigValueError(f"{override.input_line}: evaluate takes one value per key")
+        value = override.value()
+        is_choice = (
+            override.type is OverrideType.CHANGE
+            and override.package is None
+            and isinstance(value, str)
+            and group in run
+            and (conf_dir() / group).is_dir()
+        )
+        if not is_choice:
+            keys.append(override.input_line)
+        elif group not in CELL_GROUPS:
+            choices[group] = value
+        elif value != run[group].get("name"):
+            raise ConfigValueError(
+                f"{override.input_line}: the run is {group}={run[group].get('name')} (its config); "
+                "a run's data, protocol, method and k are its own: leave the override out, or "
+                "override keys (e.g. data.root=DIR)"
+            )
+    return choices, keys
+
+
+def compose_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The config the run in `run_dir` trained with (`run_config_file`), composed by Hydra
+    against the project's schemas, with `overrides` on top: a group choice (`trainer=cpu`)
+    replaces the run's group by that option of the config tree, a key (`data.root=DIR`) sets
+    the key. `run_dir` in it is the folder as found now (the run may have moved).
+
+    Raises RunFolderError in one line for a folder without a config, or a config that no
+    longer composes (keys this version does not know) with these overrides.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: no such folder; pass a run folder or --ckpt FILE")
+    path = run_config_file(run_dir)
+    if not path.is_file():
+        raise RunFolderError(
+            f"{run_dir} has no {CONFIG_FILE}: pass a run folder "
+            "(<sweep>/<method>/<protocol>/k-<k>/seed-<seed>), or --ckpt FILE with the overrides "
+            "of the run that wrote it"
+        )
+    import yaml
+
+    with as_user_error(RunFolderError, str(path), (ValueError, OSError, yaml.YAMLError)):
+        run = OmegaConf.to_container(OmegaConf.load(path))
+    if not isinstance(run, dict):
+        raise RunFolderError(f"{path}: not a run's config (a YAML mapping of the run's keys)")
+    choices, keys = split_group_choices(overrides, run)
+    # the schemas first, then the run's values, then the chosen groups in place of the run's
+    schemas = {"trainer": "schema", "k": "schema", "data": data_schema_of(run)}
+    groups = {group: option for group, option in schemas.items() if option} | choices
+    for group in choices:
+        run.pop(group)
+    defaults = ["run_schema", *({group: option} for group, option in groups.items()), "_self_"]
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=RUN_CONFIG_NAME, node={"defaults": defaults, **run})
+    try:
+        cfg = config.compose_config(keys, config_name=RUN_CONFIG_NAME)
+    except CompactHydraException as err:
+        raise RunFolderError(f"{path}: {one_line(err)}") from err
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    return cfg
 
 
 def _summary(evaluation: dict[str, Any]) -> dict[str, Any]:
@@ -188,15 +330,39 @@ def _print_summary(record: dict[str, Any]) -> None:
         print(f"  {label:<26} {values}  clusters {result['num_clusters']}{extra}")
 
 
+def checkpoint_of_run(run_dir: Path) -> Path:
+    """`<run>/checkpoints/last.ckpt` of a run folder given on the command line."""
+    from owdfa_bench.runner import CHECKPOINT
+
+    ckpt = run_dir / CHECKPOINT
+    if not ckpt.is_file():
+        raise RunFolderError(
+            f"{run_dir} has no {CHECKPOINT.as_posix()}: the run wrote no checkpoint yet (its "
+            "results.json says how it ended)"
+        )
+    return ckpt
+
+
+def split_arguments(extra: list[str]) -> tuple[list[str], list[str]]:
+    """(run folders, Hydra overrides) of the positional arguments: an override has `=` or
+    starts with `~` (a deletion)."""
+    folders = [a for a in extra if "=" not in a and not a.startswith("~")]
+    return folders, [a for a in extra if a not in folders]
+
+
 def cli_evaluate(argv: list[str]) -> int:
-    """`owdfa-bench evaluate --ckpt FILE [--num-active N] [--out FILE] [overrides...]`."""
+    """`owdfa-bench evaluate RUN_FOLDER | --ckpt FILE [--num-active N] [--out FILE]
+    [overrides...]`."""
     parser = argparse.ArgumentParser(
         prog="owdfa-bench evaluate",
-        description="Evaluate a checkpoint (ours or an official CAL release) on the test split "
-        "of the configured data and protocol. Extra arguments are Hydra overrides, "
-        "e.g. data=owdfa40 data.root=DIR protocol=p1 method=cal k=unknown.",
+        usage="%(prog)s (RUN_FOLDER | --ckpt FILE) [--num-active N] [--out FILE] [overrides ...]",
+        description="Evaluate a checkpoint on the test split. A run of this harness (its folder, "
+        "or --ckpt RUN_FOLDER/checkpoints/last.ckpt) is evaluated with its own config.yaml; "
+        "overrides go on top, e.g. trainer=cpu data.root=DIR. Any other checkpoint (an "
+        "official CAL release) is evaluated with the project config and the overrides, e.g. "
+        "data=owdfa40 data.root=DIR protocol=p1 method=cal k=unknown.",
     )
-    parser.add_argument("--ckpt", required=True, help="checkpoint file (.ckpt)")
+    parser.add_argument("--ckpt", default=None, help="checkpoint file (.ckpt)")
     parser.add_argument(
         "--num-active",
         type=int,
@@ -208,28 +374,38 @@ def cli_evaluate(argv: list[str]) -> int:
     parser.add_argument(
         "--out",
         default=None,
-        help="where to write the JSON record (default: <run_dir>/evaluate-<checkpoint name>.json)",
+        help="where to write the JSON record (default: <run folder>/evaluate-<checkpoint "
+        "name>.json; for a checkpoint outside a run folder, the config's run_dir)",
     )
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if o.startswith("-")]
+    args, extra = parser.parse_known_args(argv)
+    bad = [o for o in extra if o.startswith("-")]
     if bad:
         parser.error(f"unknown option(s) {bad}; Hydra overrides look like key=value")
+    folders, overrides = split_arguments(extra)
+    if len(folders) > 1 or (folders and args.ckpt) or not (folders or args.ckpt):
+        parser.error(f"give one run folder or --ckpt FILE (got {folders or 'neither'})")
     from owdfa_bench.records import write_json_atomic
 
     try:
-        cfg = compose_config(overrides)
-        record = evaluate_checkpoint(cfg, args.ckpt, args.num_active)
+        ckpt = Path(args.ckpt) if args.ckpt else None
+        run_dir = Path(folders[0]) if folders else run_folder_of(ckpt)
+        if run_dir is not None:
+            cfg = compose_run_config(run_dir, overrides)
+            ckpt = ckpt or checkpoint_of_run(run_dir)
+        else:
+            cfg = compose_config(overrides)
+        record = evaluate_checkpoint(cfg, ckpt, args.num_active)
     except Exception as err:
         if not is_user_error(err):
             raise
         return report_user_error(err, "owdfa-bench evaluate")
-    out = (
-        Path(args.out)
-        if args.out
-        else Path(str(cfg.run_dir)) / (f"evaluate-{Path(args.ckpt).stem}.json")
-    )
+    folder = run_dir if run_dir is not None else Path(str(cfg.run_dir))
+    out = Path(args.out) if args.out else folder / f"evaluate-{ckpt.stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, record)
     _print_summary(record)
+    if run_dir is not None:
+        given = f" with {' '.join(overrides)}" if overrides else ""
+        print(f"  config: {run_config_file(run_dir)}{given}")
     print(f"  record: {out}")
     return 0

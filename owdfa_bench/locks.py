@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +88,29 @@ def hold_run_folder(run_dir: Path) -> Iterator[str | None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def read_holder(run_dir: Path) -> dict[str, Any] | None:
+    """Who `run_dir`'s lock file names (pid, host, SLURM job, since), read without taking the
+    lock: taking it, even shared and at once released, could make a launch starting at that
+    moment find it held and skip its cell. None when it names nobody: released (a holder
+    empties it as it ends), never taken, or unreadable."""
+    try:
+        info = json.loads((run_dir / LOCK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and "pid" in info and "host" in info else None
+
+
+def process_alive(pid: Any) -> bool:
+    """Whether process `pid` exists on this machine (signal 0 sends nothing; a pid reused since
+    by another process reads as alive)."""
+    if not isinstance(pid, int) or pid <= 0:  # 0 and negatives name process groups
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True

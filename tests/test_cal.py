@@ -444,7 +444,7 @@ def test_smoke_fit_unknown_k_prunes_the_head(make_cfg):
 
 
 @pytest.mark.slow
-def test_evaluate_cli_reproduces_a_known_k_run(make_cfg, monkeypatch, tmp_path, capsys):
+def test_evaluate_cli_reproduces_a_known_k_run(make_cfg, tmp_path, capsys):
     from owdfa_bench import evaluate
     from owdfa_bench.runner import run
 
@@ -452,8 +452,7 @@ def test_evaluate_cli_reproduces_a_known_k_run(make_cfg, monkeypatch, tmp_path, 
     record = run(cfg)
     assert record["status"] == "complete" and record["k_estimated"] is None
     ckpt = f"{cfg.run_dir}/checkpoints/last.ckpt"
-    # the CLI on the run's checkpoint; composing is replaced by the fixture's config
-    monkeypatch.setattr(evaluate, "compose_config", lambda overrides: make_cfg(*overrides))
+    # the CLI on the run's checkpoint: the run's config.yaml (method=cal repeats the run's own)
     out = tmp_path / "evaluate.json"
     assert evaluate.cli_evaluate(["--ckpt", ckpt, "--out", str(out), "method=cal"]) == 0
     evaluated = json.loads(out.read_text())
@@ -462,7 +461,7 @@ def test_evaluate_cli_reproduces_a_known_k_run(make_cfg, monkeypatch, tmp_path, 
     assert evaluated["reference_all_rows"] is None and evaluated["load"]["format"] == "owdfa_bench"
     assert "all_acc" in capsys.readouterr().out
     missing = ["--ckpt", str(tmp_path / "missing.ckpt"), "method=cal"]
-    assert evaluate.cli_evaluate(missing) == 2
+    assert evaluate.cli_evaluate(missing) == 1  # a user error: one line
     assert "no such file" in capsys.readouterr().err
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import venv
 import zipfile
 from importlib import metadata
@@ -24,12 +25,13 @@ from owdfa_bench import resources
 
 REPO = Path(__file__).resolve().parent.parent
 # What a build reads from the checkout (the links in owdfa_bench/resources point into it).
-SOURCE_TREE = ("pyproject.toml", "README.md", "owdfa_bench", "methods", "conf", "protocols")
-SOURCE_TREE += ("results/paper", "sweeps")
+SOURCE_TREE = ("pyproject.toml", "README.md", "LICENSE", "owdfa_bench", "methods", "conf")
+SOURCE_TREE += ("protocols", "results/paper", "sweeps")
 SHIPPED = "owdfa_bench/resources"
 
 
-def build_wheel(out: Path, work: Path) -> Path:
+def copy_source_tree(work: Path) -> Path:
+    """What a build reads, copied under `work/src` (links kept as links)."""
     src = work / "src"
     for name in SOURCE_TREE:
         path = REPO / name
@@ -43,6 +45,11 @@ def build_wheel(out: Path, work: Path) -> Path:
         else:
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, src / name)
+    return src
+
+
+def build_wheel(out: Path, work: Path) -> Path:
+    src = copy_source_tree(work)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
         + ["--no-index", "-w", str(out), str(src)],
@@ -106,6 +113,30 @@ def test_wheel_holds_configs_sweeps_protocols_and_paper_numbers(wheel):
         "methods",
         wheel.name.split("-py3")[0] + ".dist-info",
     }
+
+
+def metadata_fields(text: str) -> list[str]:
+    """The header lines of a METADATA / PKG-INFO file (before the long description)."""
+    return text.split("\n\n", 1)[0].splitlines()
+
+
+def test_the_wheel_and_the_sdist_carry_the_mit_license(wheel, tmp_path):
+    license_text = (REPO / "LICENSE").read_bytes()
+    assert license_text.startswith(b"MIT License\n\nCopyright (c) 2026 the owdfa-bench authors\n")
+    with zipfile.ZipFile(wheel) as archive:
+        info = wheel.name.split("-py3")[0] + ".dist-info"
+        assert archive.read(f"{info}/licenses/LICENSE") == license_text
+        fields = metadata_fields(archive.read(f"{info}/METADATA").decode())
+    assert "License-Expression: MIT" in fields and "License-File: LICENSE" in fields
+    src = copy_source_tree(tmp_path)
+    build = "from setuptools import build_meta; build_meta.build_sdist('dist')"
+    subprocess.run([sys.executable, "-c", build], cwd=src, check=True, capture_output=True)
+    (sdist,) = (src / "dist").glob("owdfa_bench-*.tar.gz")
+    root = sdist.name.removesuffix(".tar.gz")
+    with tarfile.open(sdist) as archive:
+        assert archive.extractfile(f"{root}/LICENSE").read() == license_text
+        fields = metadata_fields(archive.extractfile(f"{root}/PKG-INFO").read().decode())
+    assert "License-Expression: MIT" in fields and "License-File: LICENSE" in fields
 
 
 def test_the_unpacked_wheel_composes_the_config_outside_the_checkout(wheel, tmp_path):
