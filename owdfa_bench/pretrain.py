@@ -58,9 +58,10 @@ class PretrainSettings:
     batch_size: int = 64
     lr: float = 1.0e-3
     seed: int = 0  # initialisation, order and flips of the pretraining
-    # Fixed, not the run's: the CPU's thread count can change the last bits of the weights, and
-    # the cache must hold one result per settings whichever process (a sweep job with one
-    # thread, a single run with all cores) builds it first.
+    # Fixed, not the run's `trainer.threads`: the thread count changes the weights (measured:
+    # 1 and 2 threads give different weights after one epoch), and the cache must hold one
+    # result per settings whichever process (a sweep job with one thread, a single run with all
+    # cores) builds it first. Part of the key: data.pretrain.threads=1 builds its own start.
     threads: int = 2
     device: str = "cpu"  # "cuda" for the paper-scale variant (data=synth_paper)
 
@@ -181,7 +182,8 @@ def _train(
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     model.train()
-    for _ in range(settings.epochs):
+    started, loss = time.perf_counter(), torch.tensor(float("nan"))
+    for epoch in range(settings.epochs):
         order = torch.randperm(len(x_train), generator=generator)
         for start in range(0, len(order), settings.batch_size):
             idx = order[start : start + settings.batch_size]
@@ -195,6 +197,14 @@ def _train(
             loss.backward()
             optimizer.step()
             scheduler.step()
+        log.info(
+            "pretrained start: epoch %d/%d, loss %.3f, %.0f s (%d threads)",
+            epoch + 1,
+            settings.epochs,
+            float(loss),
+            time.perf_counter() - started,
+            torch.get_num_threads(),
+        )
     model.eval()
     with torch.no_grad():
         preds = torch.cat(
@@ -267,6 +277,7 @@ def _build(settings: PretrainSettings, root: Path, problem: str) -> dict[str, An
     )
     images, labels = render_corpus(settings.corpus())
     t_render = time.perf_counter() - t0
+    log.info("pretrained start: corpus of %d images rendered in %.0f s", len(labels), t_render)
     state, scores = pretrain_backbone(settings, images, labels)
     root.mkdir(parents=True, exist_ok=True)
     with cache.atomic_path(root / WEIGHTS_FILE) as tmp:

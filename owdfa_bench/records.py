@@ -94,6 +94,9 @@ class RunRecord:
     distributed: dict[str, Any] | None = field(default=None, metadata=OMIT_WHEN_EMPTY)
     kind: str | None = field(default=None, metadata=OMIT_WHEN_EMPTY)  # None: a training run
     pretrained_start: dict[str, Any] | None = field(default=None, metadata=OMIT_WHEN_EMPTY)
+    # seconds before training, apart from wall_s: the data (built or checked) and the pretrained
+    # start (built, or waited for while another run built it)
+    setup_s: dict[str, float] | None = field(default=None, metadata=OMIT_WHEN_EMPTY)
     # the evaluation (complete runs)
     epochs: int | None = field(default=None, metadata=RESULT)
     selected_epoch: int | None = field(default=None, metadata=RESULT)

@@ -543,15 +543,20 @@ def train_cell(
     a checkpoint, when given); what it builds goes into `trained` as it goes. `folder` prepares
     the run folder once the Trainer's processes exist."""
     seed_everything(int(cfg.seed), bool(cfg.trainer.deterministic))
+    setup_started = time.perf_counter()
     trained.splits = splits = build_splits(cfg.data, cfg.protocol)
     record.data_digest = splits.data_digest
+    record.setup_s = {"data": round(time.perf_counter() - setup_started, 2)}
     max_epochs = max_epochs_of(cfg)
     problem = make_problem(cfg, splits, max_epochs)
+    start_started = time.perf_counter()
     start = resolve_pretrained_start(cfg.data)
     if start is not None:
         record.pretrained_start = {
             k: start[k] for k in ("key", "weights_sha256", "scores", "settings")
         }
+        # built here or waited for (another run of a sweep building it): not training time
+        record.setup_s["pretrained_start"] = round(time.perf_counter() - start_started, 2)
     trained.method = method = build_method(cfg, problem, start)
     method.channels_last = bool(cfg.trainer.channels_last)
     datamodule = build_datamodule(cfg, splits, method)
@@ -562,7 +567,8 @@ def train_cell(
     trained.replicas = next((c for c in callbacks if isinstance(c, ReplicaCheck)), None)
     if trained.checkpoints is not None:
         identity = {"config_hash": record.config_hash, "method": record.method, "k": record.k}
-        trained.checkpoints.begin(identity, started)
+        # wall_s: training and evaluation; the data and the pretrained start are in setup_s
+        trained.checkpoints.begin(identity, time.perf_counter())
     trainer = build_trainer(cfg.trainer, run_dir, max_epochs, trained.loggers, callbacks)
     refuse_relaunch_in_a_sweep(trainer)
     if resume and is_rank_zero():

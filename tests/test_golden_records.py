@@ -31,6 +31,7 @@ SEED = 2025
 # What says where, when or with what a run was made, not what it computed.
 VOLATILE_KEYS = {
     "wall_s",
+    "setup_s",
     "train_images_per_s",
     "eval_images_per_s",
     "git_commit",

@@ -88,8 +88,13 @@ def test_runner_starts_from_the_cached_weights_and_records_them(make_cfg, tmp_pa
     assert start["settings"]["image_size"] == 32  # follows data.image_size
     weights = next((tmp_path / "cache").glob("pretrain-*/backbone.safetensors"))
     assert start["weights_sha256"] and weights.is_file()
+    # its time (built here) is reported apart from training: not in wall_s
+    setup = record["setup_s"]
+    assert set(setup) == {"data", "pretrained_start"} and setup["pretrained_start"] > 0
+    built_s = json.loads((weights.parent / "manifest.json").read_text())["total_s"]
+    assert setup["pretrained_start"] >= built_s - 0.1
     from_scratch = run(make_cfg("method=lower_bound", f"output_root={tmp_path / 'scratch'}"))
-    assert "pretrained_start" not in from_scratch
+    assert "pretrained_start" not in from_scratch and set(from_scratch["setup_s"]) == {"data"}
 
 
 def test_a_flipped_byte_in_the_cached_weights_is_caught_and_rebuilt(tmp_path, monkeypatch, caplog):
