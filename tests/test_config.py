@@ -160,11 +160,9 @@ def test_cal_table2_holds_the_ten_rows_of_the_paper_table_on_real_data():
 
 
 def readme_cluster_commands() -> list[list[str]]:
-    """The `python run.py` commands of the README's "On a cluster" section, as argument lists
-    (continuation lines joined)."""
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("## On a cluster")
-    section = readme[start : readme.index("\n## ", start + 5)]
+    """The `python run.py` commands of docs/cluster.md, as argument lists (continuation lines
+    joined)."""
+    section = (REPO / "docs" / "cluster.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", section, re.S):
         joined = block.replace("\\\n", " ")
