@@ -1,7 +1,6 @@
 """The config tree composes: every group option, launcher and sweep, and methods match configs."""
 
 import importlib
-import re
 import subprocess
 import sys
 
@@ -157,36 +156,3 @@ def test_cal_table2_holds_the_ten_rows_of_the_paper_table_on_real_data():
         rows.add((cfg.method.name, cfg.k.name))
     names = {"simgcd", "owmatch", "lps", "legogcd", "protogcd", "palgcd", "cpl", "cdal", "cal"}
     assert rows == {(m, "known") for m in names} | {("cal", "unknown")}
-
-
-def readme_cluster_commands() -> list[list[str]]:
-    """The `python run.py` commands of the README's "On a cluster" section, as argument lists
-    (continuation lines joined)."""
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("## On a cluster")
-    section = readme[start : readme.index("\n## ", start + 5)]
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
-        joined = block.replace("\\\n", " ")
-        for line in joined.splitlines():
-            line = line.split("#")[0].strip()
-            if line.startswith("python run.py"):
-                commands.append(line.split()[2:])
-    return commands
-
-
-def test_the_readme_cluster_commands_compose():
-    """Each, composed as one cell (`--cfg` does not combine with -m: the first value of each
-    swept key)."""
-    commands = readme_cluster_commands()
-    assert len(commands) >= 4 and any("hydra/launcher=slurm" in c for c in commands)
-    for args in commands:
-        single = [a.split(",")[0] for a in args if a != "-m"]
-        out = subprocess.run(
-            [sys.executable, "run.py", "--cfg", "hydra", *single],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert out.returncode == 0, (args, out.stderr[-2000:])

@@ -4,7 +4,7 @@ protocol registries and the published numbers; code finds them through importlib
 The wheel is built offline (`pip wheel --no-deps --no-build-isolation --no-index`, the
 setuptools of this venv) from a copy of the source tree, so the build writes nothing into the
 checkout. The slow test installs it into a fresh venv and trains a smoke cell outside the
-checkout (README, "Installing the package").
+checkout (docs/installing.md, "Installed as a package").
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ shared reference pipeline (strength 0: the methods of a family are indistinguish
 method's own parameters (strength 1), and extrapolates beyond. The family's manipulation
 (where, and what it changes) does not depend on `strength`.
 
-The output is synthetic: results on it say nothing about real deepfakes. The README section
-"Built-in synthetic benchmark" says why it exists and how it was calibrated.
+The output is synthetic: results on it say nothing about real deepfakes.
+docs/synthetic-benchmark.md says why it exists and how it was calibrated.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The README's recipes for extending the harness, run as written.
+"""The recipes of docs/extending.md for extending the harness, run as written.
 
-The README's "Extending the harness" section holds code blocks whose first line is
-`# file: PATH` (a new file) or `# append to: PATH`. This test copies the repository, applies
-every block, and runs each recipe's check command in the copy (tiny data, smoke trainer).
+docs/extending.md holds code blocks whose first line is `# file: PATH` (a new file) or
+`# append to: PATH`. This test copies the repository, applies every block, and runs each
+recipe's check command in the copy (tiny data, smoke trainer).
 """
 
 from __future__ import annotations
@@ -17,19 +17,17 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_SYNTH, write_owdfa40_tree
 
-SECTION = "## Extending the harness"
+RECIPES = REPO / "docs" / "extending.md"
 BLOCK = re.compile(r"```(?:python|yaml)\n(# (file|append to): (\S+)\n.*?)```", re.S)
 
 
 def recipe_blocks() -> list[tuple[str, str, str]]:
-    """(mode, path, text) of every block of the section, in order."""
-    readme = (REPO / "README.md").read_text()
-    start = readme.index(SECTION)
-    section = readme[start : readme.index("\n## ", start + len(SECTION))]
-    return [(mode, path, text) for text, mode, path in BLOCK.findall(section)]
+    """(mode, path, text) of every block of docs/extending.md, in order."""
+    text = RECIPES.read_text(encoding="utf-8")
+    return [(mode, path, block) for block, mode, path in BLOCK.findall(text)]
 
 
-def test_the_section_has_a_recipe_for_each_kind_of_extension():
+def test_the_page_has_a_recipe_for_each_kind_of_extension():
     paths = [path for _, path, _ in recipe_blocks()]
     assert "methods/known_entropy.py" in paths and "conf/method/known_entropy.yaml" in paths
     assert "protocols/owdfa40.yaml" in paths and "conf/protocol/p4.yaml" in paths
@@ -57,7 +55,7 @@ def extended_repo(tmp_path_factory) -> Path:
 
 
 # One process runs every recipe's check (one import of torch and Lightning instead of four):
-# name -> the overrides of `python run.py ...` in the README, plus tiny data.
+# name -> the overrides of `python run.py ...` in docs/extending.md, plus tiny data.
 DRIVER = """
 import json, sys
 from owdfa_bench.config import compose_config
