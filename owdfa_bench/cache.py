@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 import zlib
@@ -54,6 +55,14 @@ def cache_base() -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         base = str(Path(xdg) / CACHE_FOLDER)
     return Path(base).expanduser()
+
+
+def cpu_budget() -> int:
+    """The cores a process may use to build a cache: torch's thread count once a run has set it
+    (`trainer.threads`; torch's default otherwise), else the machine's. Builders whose output does
+    not depend on their worker count (the synthetic set, the corpus) size their workers by it."""
+    torch = sys.modules.get("torch")
+    return max(1, torch.get_num_threads()) if torch is not None else (os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------------------------------------

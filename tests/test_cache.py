@@ -367,3 +367,17 @@ def test_stamps_are_left_alone_in_a_folder_that_cannot_be_written(stamped, monke
     monkeypatch.setattr(cache, "write_json_atomic", read_only)
     (root / cache.STAMPS_FILE).unlink()
     assert cache.content_mismatches(root, listed, root / cache.STAMPS_FILE) == []
+
+
+def test_builders_size_their_workers_by_the_runs_threads():
+    """trainer.threads (set on torch by the runner) bounds the workers that render a cache."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cache.cpu_budget() == 1
+        torch.set_num_threads(2)
+        assert cache.cpu_budget() == 2
+    finally:
+        torch.set_num_threads(threads)

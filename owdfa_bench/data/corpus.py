@@ -11,13 +11,13 @@ of torch so that its worker processes start fast.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from owdfa_bench import cache
 from owdfa_bench.data import synth
 
 CORPUS_INDEX_BASE = 1000  # corpus methods use fingerprint seeds the 41 classes never use
@@ -79,7 +79,7 @@ def render_corpus(spec: CorpusSpec, workers: int | None = None) -> tuple[np.ndar
     labels = list(range(len(corpus_classes(spec.methods_per_family))))
     if workers is None:
         large = spec.image_size**2 * spec.num_images() >= _PIXELS_PER_PROCESS
-        workers = (os.cpu_count() or 1) if large else 1
+        workers = cache.cpu_budget() if large else 1  # trainer.threads, once set
     if workers <= 1:
         per_class = [render_class(spec, label) for label in labels]
     else:

@@ -654,7 +654,7 @@ def generate_synth_dataset(
         ]
         total = sum(stop - start for *_, start, stop in jobs)
         if workers is None:  # small sets: child start-up would cost more than it saves
-            workers = 1 if total < 400 else min(2, os.cpu_count() or 1)
+            workers = 1 if total < 400 else min(2, cache.cpu_budget())
         if workers <= 1:
             rows = render_jobs(tmp, params, jobs)
         else:
