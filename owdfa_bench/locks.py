@@ -47,15 +47,12 @@ def holder_info() -> dict[str, object]:
     }
 
 
-def describe_holder(text: str) -> str:
-    """The holder a lock file names, for a message ("another process" when it names none)."""
-    try:
-        info = json.loads(text)
-        who = f"pid {info['pid']} on {info['host']}"
-    except (ValueError, TypeError, KeyError):
+def describe_holder(info: dict[str, Any] | None) -> str:
+    """A holder as `read_holder` gives it, for a message ("another process" when None)."""
+    if info is None:
         return "another process"
     job = f", SLURM job {info['slurm_job_id']}" if info.get("slurm_job_id") else ""
-    return f"{who}{job}, since {info.get('since', '?')}"
+    return f"pid {info['pid']} on {info['host']}{job}, since {info.get('since', '?')}"
 
 
 @contextmanager
@@ -69,7 +66,7 @@ def hold_run_folder(run_dir: Path) -> Iterator[str | None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                yield describe_holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+                yield describe_holder(read_holder(run_dir))
                 return
             log.warning(
                 "cannot lock %s (%s): this file system has no file locks, so a second launch "

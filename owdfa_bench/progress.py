@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -128,42 +127,27 @@ class ProgressBar(RichProgressBar):
 
 
 def sweep_size(config: DictConfig) -> int | None:
-    """How many runs a multirun launches: the sweeper's params and the command line's sweep
-    overrides expanded as Hydra's basic sweeper expands them (None when that fails)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    """How many runs a multirun launches (`status.sweep_jobs`); None when that fails."""
+    from owdfa_bench.status import sweep_jobs
 
     try:
-        params = config.hydra.sweeper.get("params") or {}
-        arguments = [f"{key}={value}" for key, value in params.items()]
-        arguments += list(config.hydra.overrides.task)
-        overrides = OverridesParser.create().parse_overrides(arguments)
-        return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+        return len(sweep_jobs(config.hydra))
     except Exception:  # noqa: BLE001 - a count is a nicety; a sweep it cannot read still runs
         return None
 
 
-def cell_statuses(sweep_dir: Path, since: float) -> Counter:
-    """How the cells under `sweep_dir` stand: complete now, complete before `since` (skipped
-    by this launch), failed, still running."""
-    import json
+def sweep_count_line(sweep_dir: Path, since: float) -> str:
+    """How the sweep's cells stand (`status.sweep_status`), a cell complete before `since`
+    (skipped by this launch) counted as "already complete"."""
+    from owdfa_bench.records import RESULTS_FILE
+    from owdfa_bench.status import count_line, sweep_status
 
-    statuses: Counter = Counter()
-    for results in Path(sweep_dir).glob("**/results.json"):
-        try:
-            status = json.loads(results.read_text()).get("status")
-        except (OSError, ValueError):
-            status = "unreadable"
-        if status == "complete" and results.stat().st_mtime < since:
-            status = "already complete"
-        statuses[status] += 1
-    return statuses
-
-
-def statuses_line(statuses: Counter) -> str:
-    order = ["complete", "already complete", "failed", "running"]
-    names = order + sorted(set(statuses) - set(order))
-    return ", ".join(f"{statuses[name]} {name}" for name in names if statuses[name])
+    rows, _ = sweep_status(sweep_dir)
+    for row in rows:
+        results = Path(sweep_dir) / row.path / RESULTS_FILE
+        if row.status == "complete" and results.stat().st_mtime < since:
+            row.status = "already complete"
+    return f"{len(rows)} cells: {count_line(rows, missing_known=True)}"
 
 
 class SweepProgress(Callback):
@@ -181,6 +165,4 @@ class SweepProgress(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        counts = cell_statuses(sweep_dir, self.started)
-        total = sum(counts.values())
-        log.info("sweep %s: %d cells: %s", sweep_dir, total, statuses_line(counts) or "none")
+        log.info("sweep %s: %s", sweep_dir, sweep_count_line(sweep_dir, self.started))

@@ -24,16 +24,17 @@ it shows the record that is there.
 from __future__ import annotations
 
 import argparse
-import itertools
 import re
 import socket
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
-from owdfa_bench.locks import LOCK_FILE, process_alive, read_holder
+from owdfa_bench.locks import LOCK_FILE, describe_holder, process_alive, read_holder
 from owdfa_bench.records import ATTEMPT_FILE, RESULTS_FILE, RunRecord, read_record
 
 MULTIRUN_FILE = "multirun.yaml"  # Hydra writes it into the sweep folder of a multirun
@@ -46,7 +47,15 @@ CELL_KEYS = ("method", "protocol", "k", "seed")
 COLUMNS = ("method", "protocol", "k", "seed", "status", "note")
 NOTE_WIDTH = 100  # a failure's error is cut to this many characters
 # the order of the count line (any other status follows)
-STATUS_ORDER = ("complete", "running", "interrupted", "failed", "unknown", "no record")
+STATUS_ORDER = (
+    "complete",
+    "already complete",
+    "running",
+    "interrupted",
+    "failed",
+    "unknown",
+    "no record",
+)
 STATUS_ORDER += ("unreadable", "missing")
 
 
@@ -85,9 +94,7 @@ def running_status(run_dir: Path, host: str) -> tuple[str, str]:
         if not (run_dir / LOCK_FILE).exists():
             return "unknown", "the record says running; no run.lock to check (an older version)"
         return "interrupted", "run.lock is released: no process trains it; relaunch to resume"
-    who = f"pid {holder['pid']} on {holder['host']}"
-    if holder.get("slurm_job_id"):
-        who += f", SLURM job {holder['slurm_job_id']}"
+    who = describe_holder(holder)
     if holder["host"] != host:
         return f"running (host {holder['host']})", who
     if process_alive(holder["pid"]):
@@ -119,12 +126,31 @@ def run_status(sweep: Path, run_dir: Path, host: str) -> RunStatus:
     return RunStatus(relative, **cell, status=status, note=note)
 
 
-def expected_cells(sweep: Path) -> list[str] | None:
-    """The run folders (relative paths) the multirun into `sweep` expects, from its
-    `multirun.yaml`; None when there is none, it uses another folder layout, or its sweep
-    cannot be expanded here (a glob)."""
+def sweep_jobs(hydra: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The jobs of a multirun, each as key -> value of its overrides, expanded as Hydra's basic
+    sweeper expands them: the sweeper's params first, the command line's after (the later of a
+    key wins). `hydra` is the `hydra` node of the multirun's config."""
+    # the basic sweeper's own expansion (hydra._internal: no public API gives it)
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    params = hydra["sweeper"].get("params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()]
+    arguments += list(hydra["overrides"]["task"])
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    batches = BasicSweeper.split_arguments(overrides, None)
+    return [
+        {key.lstrip("+~"): value for key, _, value in (a.partition("=") for a in job)}
+        for batch in batches
+        for job in batch
+    ]
+
+
+def expected_cells(sweep: Path) -> list[str] | None:
+    """The run folders (relative paths) the multirun into `sweep` expects, from its
+    `multirun.yaml`; None when there is none, it uses another folder layout, it cannot be
+    expanded here (a glob), or it sweeps a key that picks a cell's method or K without naming
+    them (`+table2_row`): those cells are known only by composing each job's config."""
     path = sweep / MULTIRUN_FILE
     if not path.is_file():
         return None
@@ -133,27 +159,20 @@ def expected_cells(sweep: Path) -> list[str] | None:
         hydra = OmegaConf.to_container(saved.hydra, resolve=False)
         if hydra["sweep"]["subdir"] != CELL_LAYOUT:
             return None
-        params = hydra["sweeper"].get("params") or {}
-        # the sweeper's parameters first, the command line's after: the later of a key wins
-        overrides = [f"{key}={value}" for key, value in params.items()]
-        overrides += hydra["overrides"]["task"]
-        axes = {
-            "method": [str(saved.method.name)],
-            "protocol": [str(saved.protocol.name)],
-            "k": [str(saved.k.name)],
-            "seed": [str(saved.seed)],
+        jobs = sweep_jobs(hydra)
+        defaults = {
+            "method": str(saved.method.name),
+            "protocol": str(saved.protocol.name),
+            "k": str(saved.k.name),
+            "seed": str(saved.seed),
         }
-        for override in OverridesParser.create().parse_overrides(overrides):
-            if override.key_or_group in axes:
-                axes[override.key_or_group] = (
-                    list(override.sweep_string_iterator())
-                    if override.is_sweep_override()
-                    else [override.get_value_element_as_str()]
-                )
     except Exception:  # noqa: BLE001 - a multirun.yaml this cannot read: missing cells unknown
         return None
-    cells = itertools.product(*(axes[key] for key in CELL_KEYS))
-    return sorted({f"{m}/{p}/k-{k}/seed-{s}" for m, p, k, s in cells})
+    swept = {key for job in jobs for key in job if len({j.get(key) for j in jobs}) > 1}
+    if swept - set(CELL_KEYS):
+        return None
+    cells = [{**defaults, **{k: v for k, v in job.items() if k in CELL_KEYS}} for job in jobs]
+    return sorted({"{method}/{protocol}/k-{k}/seed-{seed}".format(**cell) for cell in cells})
 
 
 def sweep_status(sweep: Path) -> tuple[list[RunStatus], bool]:

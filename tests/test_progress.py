@@ -15,11 +15,10 @@ from omegaconf import OmegaConf
 from owdfa_bench.progress import (
     FILE_ONLY,
     ProgressBar,
-    cell_statuses,
     evaluation_line,
     keep_file_only_lines_off_the_console,
     result_line,
-    statuses_line,
+    sweep_count_line,
     sweep_size,
 )
 
@@ -98,16 +97,16 @@ def test_the_progress_bar_shows_no_v_num():
 
 
 def test_the_cell_count_tells_this_launch_from_what_was_there(tmp_path):
-    def record(name: str, status: str, age_s: float = 0.0) -> None:
-        path = tmp_path / name / "results.json"
-        path.parent.mkdir()
+    def record(cell: str, status: str, age_s: float = 0.0) -> None:
+        path = tmp_path / cell / "results.json"
+        path.parent.mkdir(parents=True)
         path.write_text(json.dumps({"status": status}))
         stamp = time.time() - age_s
         os.utime(path, (stamp, stamp))
 
-    record("a", "complete", age_s=3600)
-    record("b", "complete")
-    record("c", "failed")
-    record("d", "running")
-    counts = cell_statuses(tmp_path, since=time.time() - 60)
-    assert statuses_line(counts) == "1 complete, 1 already complete, 1 failed, 1 running"
+    record("cal/p1/k-known/seed-1", "complete", age_s=3600)  # before this launch: skipped
+    record("cal/p1/k-known/seed-2", "complete")
+    record("cal/p1/k-known/seed-3", "failed")
+    assert sweep_count_line(tmp_path, since=time.time() - 60) == (
+        "3 cells: 1 complete, 1 already complete, 1 failed"
+    )

@@ -71,7 +71,7 @@ def test_each_run_folder_gets_the_status_its_record_and_lock_say(tmp_path, capsy
     assert rows[3].status == "interrupted" and rows[3].note.endswith("is gone; relaunch to resume")
     assert rows[4].status == "interrupted" and "released" in rows[4].note
     assert rows[5].status == "running (host node-elsewhere)"
-    assert rows[5].note == "pid 1 on node-elsewhere, SLURM job 77"
+    assert rows[5].note == "pid 1 on node-elsewhere, SLURM job 77, since ?"  # describe_holder
     assert rows[6].status == "unknown"
     assert rows[7].status == "failed" and "complete results.json is kept" in rows[7].note
     assert {(r.method, r.protocol, r.k) for r in rows.values()} == {("cal", "p1", "known")}
@@ -117,6 +117,14 @@ def test_cells_a_multirun_expects_without_a_folder_are_missing(tmp_path, capsys)
     assert status.expected_cells(sweep) == [
         f"{m}/p1/k-unknown/seed-7" for m in sorted(("lower_bound", "upper_bound", "cal", "cpl"))
     ]
+
+
+def test_a_sweep_whose_rows_pick_the_method_leaves_missing_unknown(tmp_path):
+    """+sweep=cal_table2 sweeps +table2_row, which sets method and K: which folders its 90
+    jobs write is not known without composing each, so no cell is called missing."""
+    write_multirun_yaml(tmp_path, "+sweep=cal_table2")
+    assert len(status.sweep_jobs(OmegaConf.load(tmp_path / "multirun.yaml").hydra)) == 90
+    assert status.expected_cells(tmp_path) is None
 
 
 def test_an_unreadable_multirun_yaml_leaves_missing_unknown(tmp_path):
