@@ -47,7 +47,14 @@ CLASSES = [
     {"label": 4, "index": 7, "code": "R2", "family": "R", "known": False},
 ]
 # Accuracy level per method: CAL clearly above CPL, so CAL's means are the bold ones.
-LEVEL = {"cal": 0.85, "cpl": 0.70, "mpsl": 0.6, "lower_bound": 0.5, "upper_bound": 0.95}
+LEVEL = {
+    "cal": 0.85,
+    "cpl": 0.70,
+    "mpsl": 0.6,
+    "lower_bound": 0.5,
+    "upper_bound": 0.95,
+    "dna_det": 0.4,
+}
 NAMES = ["all_acc", "known_acc", "novel_acc", "all_nmi", "all_ari", "novel_nmi", "novel_ari"]
 DISPLAY = {"cal": ("CAL", 80), "cpl": ("CPL", 70), "cdal": ("CDAL", 75)}
 
@@ -448,6 +455,54 @@ def test_compare_paper_on_synthetic_says_not_comparable(sweep, tmp_path):
     caption = paths["acc_md"].read_text().splitlines()[0]
     assert "real owdfa40 data; not comparable" in caption
     assert "not comparable" in paths["paper_comparison_md"].read_text().splitlines()[0]
+
+
+def test_compare_paper_can_put_synthetic_runs_beside_cpls_table(tmp_path):
+    """DNA-Det's only published numbers are in CPL's tables (owdfa23): `--paper owdfa23`."""
+    for seed in SEEDS:
+        write_record(tmp_path, make_record("dna_det", "p1", "known", seed, display=("DNA-Det", 2)))
+    out = tmp_path / "tables"
+    cli_aggregate(
+        [str(tmp_path), "--out", str(out), "--no-plots", "--compare-paper", "--paper", "owdfa23"]
+    )
+    comparison = pd.read_csv(out / "paper_comparison.csv")
+    known = comparison[(comparison["method"] == "dna_det") & (comparison["metric"] == "known_acc")]
+    assert len(known) == 1
+    assert known.filter(like="paper").select_dtypes("number").iloc[0].tolist()[0] == pytest.approx(
+        74.47
+    )
+    assert "real owdfa23 data; not comparable" in (out / "acc.md").read_text().splitlines()[0]
+    with pytest.raises(SystemExit):  # --paper only chooses the table of --compare-paper
+        cli_aggregate([str(tmp_path), "--paper", "owdfa23"])
+
+
+def test_merge_into_adds_a_sweeps_cells_and_replaces_the_same_cells(sweep, tmp_path, capsys):
+    table = tmp_path / "table"
+    write_tables(sweep, table)
+    before = pd.read_csv(table / "summary.csv")
+    extra = tmp_path / "extra"
+    for seed in SEEDS:
+        write_record(extra, make_record("dna_det", "p1", "known", seed, display=("DNA-Det", 2)))
+        record = make_record("cpl", "p2", "known", seed)
+        record["metrics"]["all_acc"] = 0.123  # the cell run again, complete this time
+        write_record(extra, record)
+    assert cli_aggregate([str(extra), "--merge-into", str(table), "--no-plots"]) == 0
+    assert "1 cells added, 1 replaced" in capsys.readouterr().out
+    after = pd.read_csv(table / "summary.csv")
+    assert len(after) == len(before) + 1
+    cells = after.set_index(["method", "protocol", "k"])
+    assert cells.loc[("cpl", "p2", "known"), "all_acc_mean"] == pytest.approx(0.123)
+    assert cells.loc[("cpl", "p2", "known"), "n"] == 3  # the earlier two seeds are gone
+    kept = before.set_index(["method", "protocol", "k"]).loc[("cal", "p1", "known")]
+    assert cells.loc[("cal", "p1", "known"), "all_acc_mean"] == kept["all_acc_mean"]
+    assert list(after["method"]).index("dna_det") < list(after["method"]).index("cpl")  # by order
+    runs = pd.read_csv(table / "runs.csv")
+    # cpl: p1 three runs kept (one failed), p2 the three new ones in place of two
+    assert (runs["method"] == "dna_det").sum() == 3 and (runs["method"] == "cpl").sum() == 6
+    assert set(pd.read_csv(table / "diagnostics.csv")["method"]) >= {"dna_det", "cal", "cpl"}
+    assert md_row((table / "acc.md").read_text(), "DNA-Det")  # rendered again with the new row
+    with pytest.raises(SystemExit):
+        cli_aggregate([str(extra), "--merge-into", str(tmp_path / "nowhere")])
 
 
 def test_paper_csvs_are_tidy_and_hold_the_spec_values():

@@ -16,7 +16,9 @@ end-of-multirun callback.
 - with `--ci`: `significance.csv`, the Welch p-values behind the marks.
 
 `write_report` adds the figures (`plots/`) and the W&B run of `owdfa_bench/report/tracking.py`.
-`rerender_tables` renders the tables of such a folder again from its CSV files (`--rerender`).
+`rerender_tables` renders the tables of such a folder again from its CSV files (`--rerender`);
+`merge_tables` adds another folder's cells to it (`--merge-into`), for a table completed across
+sweeps.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from owdfa_bench.report.collect import OBJECT_FIELDS, load_records
-from owdfa_bench.report.naming import PM
+from owdfa_bench.report.naming import CELL, PM
 from owdfa_bench.report.paper import (
     PAPER_TABLES,
     paper_benchmark_for,
@@ -63,7 +65,7 @@ from owdfa_bench.report.render import (
     table_caption,
     table_footnotes,
 )
-from owdfa_bench.report.summarise import diagnostics_summary, summarise
+from owdfa_bench.report.summarise import diagnostics_summary, order_cells, summarise
 from owdfa_bench.report.tracking import MODES, log_report, numeric_frame, resolve_target
 from owdfa_bench.report.validate import exclusion_reasons, issues_text, validate
 
@@ -102,11 +104,14 @@ def write_tables(
     records: pd.DataFrame | None = None,
     frames: dict[str, pd.DataFrame] | None = None,
     latex_env: str = DEFAULT_LATEX_ENVIRONMENT,
+    paper_benchmark: str | None = None,
 ) -> dict[str, Path]:
     """Write the files listed in the module docstring into `out_dir` (default
     `<sweep_dir>/tables`); the tables only when some run completed. `frames`, when given,
     receives the display tables (for the W&B run). `latex_env`: what wraps each LaTeX tabular
-    (`LATEX_ENVIRONMENTS`: a `table` or `table*` float, or the bare `tabular`)."""
+    (`LATEX_ENVIRONMENTS`: a `table` or `table*` float, or the bare `tabular`).
+    `paper_benchmark`: which published table `compare_paper` shows (`PAPER_TABLES`; default:
+    the runs' benchmark, else CAL's Table 2)."""
     check_latex_env(latex_env)
     df = records if records is not None else load_records(sweep_dir)
     frames = frames if frames is not None else {}
@@ -133,7 +138,7 @@ def write_tables(
     paper_note = None
     if compare_paper:
         datasets = sorted(used["data"].dropna().astype(str).unique())
-        benchmark, comparable = paper_benchmark_for(datasets)
+        benchmark, comparable = paper_benchmark_for(datasets, paper_benchmark)
         paper = paper_table(benchmark, paper_dir)
         paper_note, caveat = _paper_notes(used, benchmark, comparable)
         paper_note = f"{paper_note} {precision_note(summary)}"
@@ -261,6 +266,36 @@ def rerender_tables(
     return paths
 
 
+def merge_tables(into_dir: str | Path, new_dir: str | Path) -> dict[str, int]:
+    """Add the cells of the table folder `new_dir` to those of `into_dir` (both written by
+    `write_tables`), in place: runs.csv, summary.csv and diagnostics.csv of `into_dir` keep
+    their other cells and take `new_dir`'s rows for the cells (method, protocol, K) that
+    `new_dir` has, replacing any earlier rows of those cells. For a table completed across
+    sweeps whose results.json files are not all on one machine; `rerender_tables` then renders
+    it. Returns how many cells were added and replaced."""
+    into, new = Path(into_dir), Path(new_dir)
+    merged: dict[str, pd.DataFrame] = {}
+    counts = {"added": 0, "replaced": 0}
+    for name in ("runs.csv", "summary.csv", "diagnostics.csv"):
+        for folder in (into, new):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(
+                    f"{folder / name} is missing: both folders must be written by "
+                    "`owdfa-bench aggregate`"
+                )
+        old, fresh = pd.read_csv(into / name), pd.read_csv(new / name)
+        cells = set(map(tuple, fresh[CELL].astype(str).to_numpy()))
+        old_cells = list(map(tuple, old[CELL].astype(str).to_numpy()))
+        kept = [cell not in cells for cell in old_cells]
+        if name == "summary.csv":
+            counts = {"added": len(cells - set(old_cells)), "replaced": len(cells & set(old_cells))}
+        frame = pd.concat([old[kept], fresh], ignore_index=True)
+        merged[name] = order_cells(frame) if name != "runs.csv" else frame
+    for name, frame in merged.items():
+        frame.to_csv(into / name, index=False)
+    return counts
+
+
 def write_report(
     sweep_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -271,6 +306,7 @@ def write_report(
     wandb_mode: str | None = "auto",
     wandb_project: str | None = None,
     latex_env: str = DEFAULT_LATEX_ENVIRONMENT,
+    paper_benchmark: str | None = None,
 ) -> dict[str, Path]:
     """`write_tables`, then the figures (`<out>/plots`) and the W&B aggregate run.
 
@@ -280,7 +316,15 @@ def write_report(
     df = load_records(sweep_dir)
     frames: dict[str, pd.DataFrame] = {}
     paths = write_tables(
-        sweep_dir, out, compare_paper, paper_dir, ci, df, frames, latex_env=latex_env
+        sweep_dir,
+        out,
+        compare_paper,
+        paper_dir,
+        ci,
+        df,
+        frames,
+        latex_env=latex_env,
+        paper_benchmark=paper_benchmark,
     )
     if "acc_md" not in paths:
         return paths
@@ -361,6 +405,23 @@ def build_parser() -> argparse.ArgumentParser:
         "your own; every .tex needs \\usepackage{booktabs,graphicx}",
     )
     parser.add_argument(
+        "--paper",
+        choices=sorted(PAPER_TABLES),
+        default=None,
+        help="with --compare-paper: which published table (owdfa40: CAL Table 2; owdfa23: the "
+        "CPL tables, the only ones with DNA-Det, Openworld-GAN, OpenLDN and NACH); default: "
+        "the runs' benchmark, else owdfa40",
+    )
+    parser.add_argument(
+        "--merge-into",
+        type=Path,
+        default=None,
+        metavar="TABLES_DIR",
+        help="aggregate SWEEP_DIR into a new folder, then add its cells to TABLES_DIR (a folder "
+        "this command wrote, e.g. results/synth_benchmark), replacing TABLES_DIR's rows of the "
+        "same cells, and render TABLES_DIR again: for a table completed across sweeps",
+    )
+    parser.add_argument(
         "--rerender",
         action="store_true",
         help="SWEEP_DIR is a folder this command wrote: render its Markdown and LaTeX tables "
@@ -389,6 +450,15 @@ def cli_aggregate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a folder; pass the sweep folder of a multirun")
+    if args.paper is not None and not args.compare_paper:
+        parser.error("--paper chooses the table of --compare-paper: add --compare-paper")
+    if args.merge_into is not None:
+        if args.ci or args.compare_paper or args.rerender:
+            parser.error(
+                "--merge-into adds plain tables: without --ci, --compare-paper or --rerender"
+            )
+        if not (args.merge_into / "summary.csv").is_file():
+            parser.error(f"--merge-into: {args.merge_into} has no summary.csv of this command")
     if args.rerender:
         if args.ci or args.compare_paper or args.out is not None:
             parser.error("--rerender renders in place, without --ci, --compare-paper or --out")
@@ -406,8 +476,16 @@ def cli_aggregate(argv: list[str]) -> int:
         wandb_mode=args.wandb_mode,
         wandb_project=args.wandb_project,
         latex_env=args.latex_env,
+        paper_benchmark=args.paper,
     )
     print_report(paths)
+    if args.merge_into is not None and "acc_md" in paths:
+        counts = merge_tables(args.merge_into, paths["summary"].parent)
+        rerender_tables(args.merge_into, args.latex_env, plots=not args.no_plots)
+        print(
+            f"Merged into {args.merge_into}: {counts['added']} cells added, "
+            f"{counts['replaced']} replaced; its tables rendered again"
+        )
     return 0 if "acc_md" in paths else 1
 
 
@@ -428,9 +506,11 @@ class AggregateCallback(Callback):
         wandb_mode: str | None = "auto",
         wandb_project: str | None = None,
         latex_env: str = DEFAULT_LATEX_ENVIRONMENT,
+        paper_benchmark: str | None = None,
     ) -> None:
         self.options: dict[str, Any] = {
             "latex_env": latex_env,
+            "paper_benchmark": paper_benchmark,
             "compare_paper": compare_paper,
             "plots": plots,
             "ci": ci,

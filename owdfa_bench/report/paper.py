@@ -40,9 +40,20 @@ def load_paper_numbers(paper_dir: str | Path | None = None) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def paper_benchmark_for(data_sets: Sequence[str]) -> tuple[str, bool]:
-    """Which published table to show, and whether our runs are on that same benchmark."""
-    if len(data_sets) == 1 and data_sets[0] in PAPER_TABLES:
+def paper_benchmark_for(data_sets: Sequence[str], chosen: str | None = None) -> tuple[str, bool]:
+    """Which published table to show, and whether our runs are on that same benchmark.
+
+    `chosen` (a `PAPER_TABLES` key) picks the table, e.g. CPL's for synthetic runs of the
+    methods only CPL's table has; by default the runs' own benchmark, else CAL's Table 2.
+    """
+    same = len(data_sets) == 1 and data_sets[0] in PAPER_TABLES
+    if chosen is not None:
+        if chosen not in PAPER_TABLES:
+            raise ValueError(
+                f"paper table {chosen!r}: choose one of {', '.join(sorted(PAPER_TABLES))}"
+            )
+        return chosen, same and data_sets[0] == chosen
+    if same:
         return data_sets[0], True
     return DEFAULT_PAPER_BENCHMARK, False
 
