@@ -468,12 +468,26 @@ def test_compare_paper_can_put_synthetic_runs_beside_cpls_table(tmp_path):
     comparison = pd.read_csv(out / "paper_comparison.csv")
     known = comparison[(comparison["method"] == "dna_det") & (comparison["metric"] == "known_acc")]
     assert len(known) == 1
-    assert known.filter(like="paper").select_dtypes("number").iloc[0].tolist()[0] == pytest.approx(
-        74.47
-    )
+    assert known["paper_percent"].iloc[0] == pytest.approx(74.47)
+    assert set(known["paper_benchmark"]) == {"owdfa23"}
     assert "real owdfa23 data; not comparable" in (out / "acc.md").read_text().splitlines()[0]
     with pytest.raises(SystemExit):  # --paper only chooses the table of --compare-paper
         cli_aggregate([str(tmp_path), "--paper", "owdfa23"])
+
+
+def test_compare_paper_on_the_original_ow_dfa_data_shows_cpls_table(tmp_path):
+    """`+sweep=cpl_table` runs on data=owdfa23: each of its rows beside CPL's published row."""
+    for method in ("dna_det", "cpl"):
+        for seed in SEEDS:
+            record = make_record(method, "p1", "known", seed, data="owdfa23")
+            write_record(tmp_path, record | {"precision": "32-true"})
+    paths = write_tables(tmp_path, tmp_path / "tables", compare_paper=True)
+    comparison = pd.read_csv(paths["paper_comparison"])
+    assert set(comparison["method"]) == {"dna_det", "cpl"}
+    published = comparison.set_index(["method", "metric"])["paper_percent"]
+    assert published[("dna_det", "novel_acc")] == pytest.approx(34.82)
+    assert published[("cpl", "all_acc")] == pytest.approx(83.70)
+    assert "not comparable" not in paths["acc_md"].read_text().splitlines()[0]
 
 
 def test_merge_into_adds_a_sweeps_cells_and_replaces_the_same_cells(sweep, tmp_path, capsys):
