@@ -76,9 +76,10 @@ Choices not fixed by the paper (its text and code were not available; see above)
 
 Port to OW-DFA (as ORCA's row): the harness's ResNet + BNNeck encoder, dropout 0.2 before the
 head (CPL's drop_rate), and CPL's recipe (Adam 2e-4, 50 epochs, batch 128, alternating
-balanced sampler: half of each batch labelled), the recipe CPL reports NACH with. Views: the
-harness's weak (flip + resize) and strong views. Guards: a batch without labelled rows gets zero
-L_sup, one without unlabelled rows zero L_u and no DA / status update.
+balanced sampler: half of each batch labelled); CPL's OW-DFA table lists NACH, but with which
+settings it ran is not known here. Views: the harness's weak (flip + resize) and strong views.
+Guards: a batch without labelled rows gets zero L_sup, one without unlabelled rows zero L_u and
+no DA / status update.
 
 Under DDP: the DA running mean is updated with every rank's unlabelled rows (summed over
 ranks), and the learning status with every rank's confident rows (gathered, rank 0's first; a
