@@ -62,7 +62,9 @@ Choices not fixed by the paper (its text and code were not available; see above)
   * The adaptive threshold is FlexMatch's: per-row latest confident label, warm-up denominator,
     convex map, tau = 0.95, `>=`, read before the batch's update. One edge differs from USB:
     when a single class holds every row's label, USB keeps its previous thresholds, here that
-    class's beta is 1 and the others' 0.
+    class's beta is 1 and the others' 0. With the warm-up, thresholds stay near 0 until many
+    rows have reached tau, so a short run pseudo-labels nearly every unlabelled row (data=synth,
+    6 epochs: 45 of 1,780 rows had a status at the end, every threshold below 0.01).
   * Distribution alignment is ReMixMatch's, in USB's form (first batch sets p_model, eps 1e-6,
     update then align), on the pseudo-labelling probabilities only (thresholds, labels and the
     learning status all read the aligned q~). The target is uniform over the C outputs: the
