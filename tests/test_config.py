@@ -143,6 +143,26 @@ def test_every_cell_of_every_sweep_builds_its_method(sweep):
     assert built
 
 
+def test_cpl_table_holds_every_row_of_cpls_published_table_on_the_original_data():
+    import pandas as pd
+
+    cells = _cells("cpl_table")
+    assert len(cells) == 9 * 2 * 3
+    rows, protocols = set(), set()
+    for cell in cells:
+        if "seed=2025" not in cell:
+            continue
+        cfg = compose_config(["+sweep=cpl_table", *cell])
+        assert cfg.data.name == "owdfa23" and cfg.protocol.benchmark == "owdfa23"
+        assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "32-true"
+        assert cfg.k.name == "known"
+        rows.add(cfg.method.name)
+        protocols.add(cfg.protocol.protocol_key)
+    published = pd.read_csv(REPO / "results" / "paper" / "owdfa23_cpl_readme.csv")
+    assert rows == set(published["method"])  # every published row, nothing else
+    assert protocols == set(published["protocol"]) == {"p1", "p2"}
+
+
 def test_cal_table2_holds_the_ten_rows_of_the_paper_table_on_real_data():
     cells = _cells("cal_table2")
     assert len(cells) == 10 * 3 * 3
