@@ -274,6 +274,8 @@ class DNADet(OWDFAMethod):
     def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         x, y = batch.views[0][batch.labelled], batch.y[batch.labelled]
         crops = random_crops(x, self.num_crops, self.crop_size)
+        if self.channels_last:  # indexing gives contiguous crops
+            crops = crops.contiguous(memory_format=torch.channels_last)
         f = self.encoder(crops)
         logits = self.head(self.dropout(f))
         z = F.normalize(self.projector(f), dim=1)
