@@ -260,6 +260,7 @@ def check_config(cfg: DictConfig) -> None:
     from owdfa_bench.config_keys import check_every_key_read
 
     check_every_key_read(cfg)
+    OmegaConf.to_object(cfg.trainer)  # first: other nodes interpolate it (data.pretrain.threads)
     OmegaConf.to_object(cfg)
     check_method(cfg.method)
 

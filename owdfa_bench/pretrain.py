@@ -58,10 +58,10 @@ class PretrainSettings:
     batch_size: int = 64
     lr: float = 1.0e-3
     seed: int = 0  # initialisation, order and flips of the pretraining
-    # Fixed, not the run's `trainer.threads`: the thread count changes the weights (measured:
-    # 1 and 2 threads give different weights after one epoch), and the cache must hold one
-    # result per settings whichever process (a sweep job with one thread, a single run with all
-    # cores) builds it first. Part of the key: data.pretrain.threads=1 builds its own start.
+    # CPU threads of the pretraining: the run's `trainer.threads` by default (conf/data/synth.yaml).
+    # Part of the key, because the thread count changes the weights (measured: 1 and 2 threads
+    # give different weights after one epoch): each thread count has its own start, and a sweep
+    # that must give the committed synthetic tables pins the one they were built with (2).
     threads: int = 2
     device: str = "cpu"  # "cuda" for the paper-scale variant (data=synth_paper)
 
@@ -108,6 +108,8 @@ def settings_from_config(pretrain_cfg: Mapping[str, Any], data_cfg: Mapping[str,
     own = {
         k: v for k, v in dict(pretrain_cfg).items() if k in PretrainSettings.__dataclass_fields__
     }
+    if not own.get("threads"):  # trainer.threads null or 0: all the cores torch uses
+        own["threads"] = torch.get_num_threads()
     return PretrainSettings(
         **{
             "backbone": str(backbone["name"]),

@@ -117,3 +117,37 @@ def test_a_flipped_byte_in_the_cached_weights_is_caught_and_rebuilt(tmp_path, mo
     rebuilt = ensure_pretrained(TINY, root)
     assert "backbone.safetensors does not match the SHA-256 in the manifest" in caplog.text
     assert cache.file_digest(weights) == rebuilt["weights_sha256"]
+
+
+def test_the_start_trains_on_the_runs_threads_and_each_thread_count_has_its_own_start(
+    monkeypatch,
+):
+    """`data.pretrain.threads` is the run's `trainer.threads` (all cores when null); the weights
+    depend on the thread count, so it is part of the start's key."""
+    from owdfa_bench.config import compose_config
+
+    def start_of(*overrides: str) -> PretrainSettings:
+        cfg = compose_config(["data=synth", *overrides])
+        return pretrain.settings_from_config(cfg.data.pretrain, cfg.data)
+
+    one, two = start_of("trainer.threads=1"), start_of("trainer.threads=2")
+    assert (one.threads, two.threads) == (1, 2) and one.key() != two.key()
+    assert start_of("trainer.threads=null").threads == torch.get_num_threads()
+    assert start_of("trainer.threads=1", "data.pretrain.threads=2") == two  # pinned
+    seen = []
+    monkeypatch.setattr(pretrain, "_train", lambda *a: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    pretrain.pretrain_backbone(PretrainSettings(threads=2), np.zeros((1, 32, 32, 3)), np.zeros(1))
+    assert seen == [2] and torch.get_num_threads() == before  # restored afterwards
+
+
+def test_the_sweeps_behind_the_committed_tables_keep_their_start():
+    """results/synth_* were computed from the start built at 2 threads (key 0058abd2c8): the
+    sweeps that extend them pin it, whatever their one-thread jobs would build."""
+    from owdfa_bench.config import compose_config
+
+    for sweep in ("synth_benchmark", "synth_unknown_k", "synth_protocols", "synth_cpl_baselines"):
+        cfg = compose_config([f"+sweep={sweep}", "method=cal", "seed=2025"])
+        assert cfg.trainer.threads == 1
+        settings = pretrain.settings_from_config(cfg.data.pretrain, cfg.data)
+        assert settings.threads == 2 and settings.key() == "0058abd2c8", sweep

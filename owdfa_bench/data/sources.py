@@ -188,12 +188,11 @@ class SynthPretrain:
     batch_size: int
     lr: float
     seed: int
-    threads: int  # fixed CPU threads of the pretraining (part of the cache key)
+    threads: int | None  # CPU threads of the pretraining (part of the cache key); null: all cores
     device: str  # cpu | cuda
 
     def __post_init__(self) -> None:
         integer_at_least("data.pretrain.methods_per_family", self.methods_per_family, 1, 12)
-        integer_at_least("data.pretrain.threads", self.threads, 1, 2)
         integer_at_least("data.pretrain.epochs", self.epochs, 1, 5)
         # two images per class and per batch at least: a held-out image, BatchNorm statistics
         integer_at_least("data.pretrain.images_per_method", self.images_per_method, 2, 60)
@@ -201,7 +200,8 @@ class SynthPretrain:
         integer_at_least("data.pretrain.batch_size", self.batch_size, 2, 64)
         number_at_least("data.pretrain.lr", self.lr, 0.0, 1.0e-3, strict=True)
         integer_at_least("data.pretrain.seed", self.seed, 0, 0)
-        integer_at_least("data.pretrain.threads", self.threads, 1, 2)
+        # 0 or null: all cores, as trainer.threads, which it follows by default
+        integer_at_least("data.pretrain.threads", self.threads, 0, 2, optional=True)
 
 
 @dataclass(kw_only=True)
