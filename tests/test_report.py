@@ -33,7 +33,13 @@ from owdfa_bench.report.plots import (
     plot_diagnostics,
     write_plots,
 )
-from owdfa_bench.report.render import LATEX_ENVIRONMENTS, column_chunks, two_line_head
+from owdfa_bench.report.render import (
+    LATEX_ENVIRONMENTS,
+    MAX_FLOAT_LINES,
+    column_chunks,
+    latex_float,
+    two_line_head,
+)
 from owdfa_bench.report.summarise import epoch_curves, summarise
 from owdfa_bench.report.validate import validate
 
@@ -626,6 +632,26 @@ def test_latex_environment_option(sweep, tmp_path):
         write_tables(sweep, tmp_path / "bad", latex_env="longtable")
     with pytest.raises(SystemExit):
         cli_aggregate([str(sweep), "--latex-env", "longtable"])
+
+
+def test_tabulars_too_tall_for_one_page_take_several_floats():
+    """Stacked protocol tabulars past MAX_FLOAT_LINES rows go into consecutive floats: the first
+    captioned and labelled, the others pointing back to it, the footnotes under the last."""
+
+    def tabular(rows: int) -> list[str]:
+        return [r"\begin{tabular}{l c}", *[f"m{i} & 1 \\\\" for i in range(rows)], r"\end{tabular}"]
+
+    small = latex_float([tabular(10), tabular(10)], "Cap", "tab:x", "table", ["a note"])
+    assert sum(line.startswith(r"\begin{table}") for line in small) == 1
+    tall = [tabular(MAX_FLOAT_LINES - 4), tabular(6), tabular(6)]
+    lines = latex_float(tall, "Cap", "tab:x", "table*", ["a note"])
+    text = "\n".join(lines)
+    assert text.count(r"\begin{table*}") == 2 and text.count(r"\caption{Cap}") == 1
+    assert text.index(r"\label{tab:x}") < text.index(r"Table~\ref{tab:x} (continued)")
+    assert text.index("a note") > text.rindex(r"\begin{table*}")  # under the last float
+    assert text.count(r"\begin{tabular}") == 3  # every tabular kept, in order
+    bare = latex_float(tall, "Cap", "tab:x", "tabular", [])
+    assert not any(line.startswith(r"\begin{table") for line in bare)  # the user's float
 
 
 def test_diagnostics_latex_in_parts_of_four_columns(tmp_path):

@@ -416,22 +416,55 @@ def latex_float(
         raise ValueError(
             f"LaTeX environment {environment!r}: choose one of {', '.join(LATEX_ENVIRONMENTS)}"
         )
+    notes = [rf"\par\smallskip{{\footnotesize {latex_escape(note)}}}" for note in footnotes]
+    if environment == "tabular":
+        return [f"% Caption: {caption_tex}", f"% Label: {label}", *stacked(tabulars), *notes]
+    groups = float_groups(tabulars)
+    lines: list[str] = []
+    for i, group in enumerate(groups):
+        head = [rf"\caption{{{caption_tex}}}", rf"\label{{{label}}}"]
+        if i:  # a float of its own, pointing back to the captioned one
+            head = [rf"{{\small Table~\ref{{{label}}} (continued).}}\par\smallskip"]
+        lines += [rf"\begin{{{environment}}}[t]", r"\centering", *head, *stacked(group)]
+        lines += (
+            [*notes, rf"\end{{{environment}}}"]
+            if i == len(groups) - 1
+            else [rf"\end{{{environment}}}"]
+        )
+    return lines
+
+
+# Table lines (those ending in \\: the protocol title, the heads and the rows) one float holds
+# with its caption: a P1 table of 22 method rows and two of 4 rows stacked (36 lines) overflow a
+# page by 42 pt (pdflatex, article, 10 pt: tests/latex_compile.py), 32 lines fit; past that the
+# tabulars take several floats.
+MAX_FLOAT_LINES = 32
+
+
+def float_groups(tabulars: Sequence[Sequence[str]]) -> list[list[Sequence[str]]]:
+    """The tabulars in order, cut into consecutive groups of at most `MAX_FLOAT_LINES` table
+    lines each (a longer tabular alone in its group), one float per group."""
+    groups: list[list[Sequence[str]]] = []
+    used = 0
+    for tabular in tabulars:
+        size = sum(line.rstrip().endswith("\\\\") for line in tabular)
+        if groups and used + size <= MAX_FLOAT_LINES:
+            groups[-1].append(tabular)
+            used += size
+        else:
+            groups.append([tabular])
+            used = size
+    return groups
+
+
+def stacked(tabulars: Sequence[Sequence[str]]) -> list[str]:
+    """Tabulars one above the other, each shrunk to the line only where wider."""
     body: list[str] = []
     for i, tabular in enumerate(tabulars):
         if i:
             body.append(r"\par\bigskip")
         body += fit_to_line(tabular)
-    body += [rf"\par\smallskip{{\footnotesize {latex_escape(note)}}}" for note in footnotes]
-    if environment == "tabular":
-        return [f"% Caption: {caption_tex}", f"% Label: {label}", *body]
-    return [
-        rf"\begin{{{environment}}}[t]",
-        r"\centering",
-        rf"\caption{{{caption_tex}}}",
-        rf"\label{{{label}}}",
-        *body,
-        rf"\end{{{environment}}}",
-    ]
+    return body
 
 
 def protocol_tables(table: Table) -> list[Table]:
