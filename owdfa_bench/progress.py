@@ -37,10 +37,22 @@ EPOCH_METRICS = (
 DIAGNOSTIC_METRICS = (("pseudo_acc", "pseudo-label acc"), ("transductive_acc", "transductive acc"))
 
 
+# libraries whose info lines belong in the run's log only (timm: "Loading pretrained weights from
+# file <cache path>", twice per run); their warnings still reach the terminal
+FILE_ONLY_LIBRARIES = ("timm",)
+
+
+def from_library(name: str, libraries: tuple[str, ...] = FILE_ONLY_LIBRARIES) -> bool:
+    return any(name == lib or name.startswith(f"{lib}.") for lib in libraries)
+
+
 class ConsoleFilter(logging.Filter):
-    """Keeps records logged with `extra=FILE_ONLY` off the handler it is attached to."""
+    """Keeps records logged with `extra=FILE_ONLY`, and the info lines of `FILE_ONLY_LIBRARIES`,
+    off the handler it is attached to."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and from_library(record.name):
+            return False
         return not getattr(record, "file_only", False)
 
 

@@ -90,6 +90,29 @@ def test_file_only_lines_reach_the_log_file_and_not_the_console(tmp_path):
     ]
 
 
+def test_timm_info_lines_reach_the_log_file_and_its_warnings_the_console(tmp_path):
+    root = logging.getLogger("test_progress.root")
+    root.propagate = False
+    root.setLevel(logging.INFO)
+    console = io.StringIO()
+    handlers = [logging.StreamHandler(console), logging.FileHandler(tmp_path / "train.log")]
+    for handler in handlers:
+        root.addHandler(handler)
+    keep_file_only_lines_off_the_console(root)
+    # records of the library's loggers, handled by these handlers as the root's would be
+    for name, level, message in [
+        ("timm.models._builder", logging.INFO, "Loading pretrained weights from file"),
+        ("timm.models._helpers", logging.WARNING, "missing keys"),
+        ("timmy", logging.INFO, "not timm"),
+    ]:
+        root.handle(logging.LogRecord(name, level, __file__, 0, message, None, None))
+    for handler in handlers:
+        root.removeHandler(handler)
+        handler.close()
+    assert console.getvalue().splitlines() == ["missing keys", "not timm"]
+    assert len((tmp_path / "train.log").read_text().splitlines()) == 3
+
+
 def test_the_progress_bar_shows_no_v_num():
     shown = {"train/loss": 0.5, "v_num": "dyki"}
     with mock.patch("lightning.pytorch.callbacks.RichProgressBar.get_metrics", return_value=shown):
