@@ -156,6 +156,31 @@ def labelled_partners(
     return torch.where(others.any(dim=1), pick, torch.arange(n, device=targets.device))
 
 
+def orca_partners(
+    features: torch.Tensor,
+    y: torch.Tensor,
+    labelled: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Partner index of every row: same-class labelled row or cosine nearest neighbour; ORCA's
+    pairwise pseudo-labels (snap-stanford/orca @ 5f33afd), also NACH's pairwise term.
+
+    Labelled rows: a uniformly random other labelled row with the same label (itself if alone).
+    Unlabelled rows: the most cosine-similar *other* row of the whole batch (detached features,
+    compared in float32).
+    """
+    b = y.shape[0]
+    unit = F.normalize(features.detach().float(), dim=1)
+    sim = (unit @ unit.t()).masked_fill(
+        torch.eye(b, dtype=torch.bool, device=unit.device), float("-inf")
+    )
+    partners = sim.argmax(dim=1) if b > 1 else torch.zeros(1, dtype=torch.long, device=unit.device)
+    lab_idx = torch.nonzero(labelled).flatten()
+    if lab_idx.numel():
+        partners[lab_idx] = lab_idx[labelled_partners(y[lab_idx], generator)]
+    return partners
+
+
 # ----------------------------------------------------------------------------- head sizes
 def open_world_head_rows(problem, unknown_k_factor: float = 2.0) -> int:
     """Head size of the open-world methods without an estimator of their own (CPL, CDAL, MPSL,

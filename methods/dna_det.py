@@ -76,13 +76,8 @@ import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from owdfa_bench.distributed import from_rank_zero, is_rank_zero
-from owdfa_bench.kmeans import (
-    KMeansResult,
-    assign_to_centres,
-    estimate_k_brent,
-    semi_supervised_kmeans,
-)
+from methods.gcd import SemiSupervisedKMeansRule
+from owdfa_bench.kmeans import assign_to_centres, cluster_confidence
 from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, build_optimizer
 from owdfa_bench.models import GlobalFeatureEncoder
 
@@ -176,23 +171,6 @@ def dna_det_losses(
     return {"loss": total, "ce": ce, "supcon": supcon}
 
 
-def open_world_assignments(
-    train: torch.Tensor,
-    train_y: torch.Tensor,
-    test: torch.Tensor,
-    num_clusters: int,
-    **kmeans: Any,
-) -> tuple[np.ndarray, KMeansResult]:
-    """The port's open-world rule: SS-k-means with `num_clusters` clusters over the training
-    rows (`train_y`: class id of labelled rows, -1 for unlabelled ones) and the test rows
-    together, labelled rows pinned to their class; the test rows' cluster ids, and the run.
-    Cluster c < K_known holds known class c's labelled rows, so known ids stay aligned."""
-    features = torch.cat([train, test])
-    labels = torch.cat([train_y.long().cpu(), torch.full((len(test),), -1)])
-    result = semi_supervised_kmeans(features, labels, num_clusters, **kmeans)
-    return result.assignments[len(train) :], result
-
-
 def clustering_due(epoch: int, max_epochs: int, cluster_every: int, fitting: bool = True) -> bool:
     """Whether the evaluation after 0-based `epoch` runs the full clustering: always outside a
     fit (validate-only) and at the last epoch; else every `cluster_every` epochs (0: never)."""
@@ -201,17 +179,11 @@ def clustering_due(epoch: int, max_epochs: int, cluster_every: int, fitting: boo
     return cluster_every > 0 and (epoch + 1) % cluster_every == 0
 
 
-def cluster_confidence(
-    features: torch.Tensor, centres: torch.Tensor, temperature: float
-) -> np.ndarray:
-    """max softmax(cos(f, centre) / T) per row: a confidence of a cluster assignment."""
-    sims = F.normalize(features.float(), dim=1) @ F.normalize(centres.float(), dim=1).t()
-    return (sims / temperature).softmax(dim=1).max(dim=1).values.numpy()
-
-
 # ----------------------------------------------------------------------------- the method
-class DNADet(OWDFAMethod):
-    """DNA-Det (ICTMCG/DNA-Det @ d811395) with SS-k-means for the open world."""
+class DNADet(SemiSupervisedKMeansRule, OWDFAMethod):
+    """DNA-Det (ICTMCG/DNA-Det @ d811395) with GCD's SS-k-means for the open world."""
+
+    clustering_name: ClassVar[str] = "DNA-Det"
 
     train_views: ClassVar[tuple[str, ...]] = ("weak",)
     train_on: ClassVar[str] = "labelled"
@@ -248,15 +220,16 @@ class DNADet(OWDFAMethod):
         self.temperature = float(temperature)
         self.ce_on_probabilities = bool(ce_on_probabilities)
         self.awl_lr = float(awl_lr)
-        self.kmeans = {
-            "n_init": int(kmeans_n_init),
-            "max_iter": int(kmeans_max_iter),
-            "tol": float(kmeans_tol),
-            "seed": int(kmeans_seed),
-        }
-        self.kmeans_estimate_n_init = int(kmeans_estimate_n_init)
-        self.cluster_every = int(cluster_every)
-        self.k_max = int(k_max) if k_max else 10 * problem.num_known
+        self.init_clustering(
+            problem,
+            kmeans_n_init,
+            kmeans_max_iter,
+            kmeans_tol,
+            kmeans_seed,
+            cluster_every,
+            k_max,
+            kmeans_estimate_n_init,
+        )
         self.encoder = GlobalFeatureEncoder(backbone)
         dim = self.encoder.dim
         self.dropout = nn.Dropout(dropout)
@@ -265,10 +238,6 @@ class DNADet(OWDFAMethod):
             nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim)
         )
         self.awl = nn.Parameter(torch.ones(2))  # uncertainty weights of (CE, SupCon)
-        self.centres: torch.Tensor | None = None  # of this evaluation's clustering, if any
-        self.k_used: int | None = None
-        self.k_search: dict[int, float] = {}
-        self.last_clustering: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ training
     def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
@@ -309,52 +278,6 @@ class DNADet(OWDFAMethod):
         d = self.encoder.dim
         return outputs[:, :d], outputs[:, d:]
 
-    def k_estimated(self) -> int | None:
-        return None if self.problem.k_mode == "known" else self.k_used
-
-    def num_clusters(self, features: torch.Tensor, labels: torch.Tensor) -> int:
-        """K of the SS-k-means: true K, the user's estimate, or GCD's Brent estimate."""
-        if self.problem.k_mode == "known":
-            return self.problem.num_classes
-        if self.problem.k_estimate is not None:
-            return int(self.problem.k_estimate)
-        # SS-k-means needs a row for every cluster without labelled rows: cap the search there
-        labels = torch.as_tensor(labels).cpu()
-        room = int((labels < 0).sum()) + int(torch.unique(labels[labels >= 0]).numel())
-        est = estimate_k_brent(
-            features,
-            labels,
-            self.problem.num_known,
-            max(self.problem.num_known, min(self.k_max, room)),
-            n_init=self.kmeans_estimate_n_init,
-            max_iter=self.kmeans["max_iter"],
-            tol=self.kmeans["tol"],
-            seed=self.kmeans["seed"],
-        )
-        self.k_search = est.scores
-        self.last_clustering["k_search_s"] = round(est.seconds, 3)
-        return est.k
-
-    def cluster(
-        self,
-        labelled: torch.Tensor,
-        labelled_y: torch.Tensor,
-        unlabelled: torch.Tensor,
-        test: torch.Tensor,
-    ) -> np.ndarray:
-        """SS-k-means over labelled + unlabelled + test features; the test rows' cluster ids."""
-        train = torch.cat([labelled, unlabelled]).to(self.device)
-        train_y = torch.cat([labelled_y.long(), torch.full((len(unlabelled),), -1)])
-        self.k_used = self.num_clusters(train, train_y)
-        preds, result = open_world_assignments(
-            train, train_y, test.to(self.device), self.k_used, **self.kmeans
-        )
-        self.centres = result.centres
-        self.last_clustering.update(
-            kmeans_s=round(result.seconds, 3), rows=len(result.assignments), inertia=result.inertia
-        )
-        return preds
-
     @torch.no_grad()
     def split_features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised features and labels of a training split (eval transform, eval mode)."""
@@ -380,29 +303,7 @@ class DNADet(OWDFAMethod):
             self.last_clustering = {"mode": "classifier"}
             return logits.argmax(dim=1).numpy()
         self.last_clustering = {}
-        labelled, labelled_y = self.split_features("labelled")
-        unlabelled, _ = self.split_features("unlabelled")  # their labels are never used
-        # DDP: every rank has every row's features; rank 0 clusters (GPU k-means kernels are
-        # not bitwise reproducible) and the others take its result
-        clustered = None
-        if is_rank_zero():
-            self.last_clustering["features_s"] = round(time.perf_counter() - start, 3)
-            preds = self.cluster(labelled, labelled_y, unlabelled, features.float())
-            self.last_clustering["mode"] = "full"
-            self.last_clustering["total_s"] = round(time.perf_counter() - start, 3)
-            log.info("DNA-Det clustering (epoch %d): %s", self.current_epoch, self.last_clustering)
-            clustered = {
-                "preds": preds,
-                "centres": self.centres.cpu(),
-                "k_used": self.k_used,
-                "k_search": dict(self.k_search),
-                "last_clustering": dict(self.last_clustering),
-            }
-        clustered = from_rank_zero(clustered)
-        self.centres = clustered["centres"].to(self.device)
-        self.k_used, self.k_search = clustered["k_used"], clustered["k_search"]
-        self.last_clustering = clustered["last_clustering"]
-        return clustered["preds"]
+        return self.full_clustering(features.float(), start)
 
     def unlabelled_predictions(self, outputs: torch.Tensor) -> np.ndarray:
         """Diagnostics: the nearest centre of the clustering just computed (which clustered

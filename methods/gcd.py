@@ -67,7 +67,12 @@ from torch import nn
 
 from methods.common_losses import cosine_logits, info_nce_loss, projection_mlp, supcon_loss
 from owdfa_bench.distributed import from_rank_zero, is_rank_zero
-from owdfa_bench.kmeans import assign_to_centres, estimate_k_brent, semi_supervised_kmeans
+from owdfa_bench.kmeans import (
+    assign_to_centres,
+    cluster_confidence,
+    estimate_k_brent,
+    open_world_assignments,
+)
 from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, detach_terms
 from owdfa_bench.models import GlobalFeatureEncoder
 
@@ -113,7 +118,130 @@ def gcd_loss(
     return {"loss": loss, "infonce": infonce, "supcon": supcon}
 
 
-class GCD(OWDFAMethod):
+class SemiSupervisedKMeansRule:
+    """GCD's prediction rule, shared with DNA-Det's port: semi-supervised k-means over the
+    labelled, unlabelled and test features with K true, given (`k.estimate`) or Brent-estimated,
+    run on rank 0 under DDP and taken by every rank. The LightningModule it is mixed into
+    provides `problem`, `device`, `current_epoch` and `split_features(split)` (normalised
+    features and labels of a training split); `init_clustering` sets the state used here."""
+
+    clustering_name: ClassVar[str] = "GCD"  # in the log lines
+
+    def init_clustering(
+        self,
+        problem: Problem,
+        kmeans_n_init: int,
+        kmeans_max_iter: int,
+        kmeans_tol: float,
+        kmeans_seed: int,
+        cluster_every: int,
+        k_max: int | None,
+        kmeans_estimate_n_init: int,
+    ) -> None:
+        self.kmeans = {
+            "n_init": int(kmeans_n_init),
+            "max_iter": int(kmeans_max_iter),
+            "tol": float(kmeans_tol),
+            "seed": int(kmeans_seed),
+        }
+        self.kmeans_estimate_n_init = int(kmeans_estimate_n_init)
+        self.cluster_every = int(cluster_every)
+        self.k_max = int(k_max) if k_max else 10 * problem.num_known
+        self.centres: torch.Tensor | None = None  # of the last full clustering
+        self.k_used: int | None = None
+        self.k_search: dict[int, float] = {}  # labelled ACC per K tried by the last Brent search
+        self.last_clustering: dict[str, Any] = {}
+
+    def k_estimated(self) -> int | None:
+        return None if self.problem.k_mode == "known" else self.k_used
+
+    def num_clusters(self, features: torch.Tensor, labels: torch.Tensor) -> int:
+        """K of the SS-k-means: true K, the user's estimate, or the Brent estimate."""
+        if self.problem.k_mode == "known":
+            return self.problem.num_classes
+        if self.problem.k_estimate is not None:
+            return int(self.problem.k_estimate)
+        # SS-k-means needs a row for every cluster without labelled rows: cap the search there
+        labels_np = torch.as_tensor(labels).cpu()
+        room = int((labels_np < 0).sum()) + int(torch.unique(labels_np[labels_np >= 0]).numel())
+        est = estimate_k_brent(
+            features,
+            labels,
+            self.problem.num_known,
+            max(self.problem.num_known, min(self.k_max, room)),
+            n_init=self.kmeans_estimate_n_init,
+            max_iter=self.kmeans["max_iter"],
+            tol=self.kmeans["tol"],
+            seed=self.kmeans["seed"],
+        )
+        self.k_search = est.scores
+        self.last_clustering["k_search_s"] = round(est.seconds, 3)
+        log.info(
+            "%s Brent K estimate %d (labelled ACC per K: %s)",
+            self.clustering_name,
+            est.k,
+            est.scores,
+        )
+        return est.k
+
+    def cluster(
+        self,
+        labelled: torch.Tensor,
+        labelled_y: torch.Tensor,
+        unlabelled: torch.Tensor,
+        test: torch.Tensor,
+    ) -> np.ndarray:
+        """SS-k-means over labelled + unlabelled + test features; the test rows' cluster ids."""
+        # cluster on the model's device: the k-means is one distance matrix per iteration
+        train = torch.cat([labelled, unlabelled]).to(self.device)
+        train_y = torch.cat([labelled_y.long(), torch.full((len(unlabelled),), -1)])
+        self.k_used = self.num_clusters(train, train_y)
+        preds, result = open_world_assignments(
+            train, train_y, test.to(self.device), self.k_used, **self.kmeans
+        )
+        self.centres = result.centres
+        self.last_clustering.update(
+            kmeans_s=round(result.seconds, 3),
+            rows=len(result.assignments),
+            inertia=result.inertia,
+            n_iter=result.n_iter,
+        )
+        return preds
+
+    def full_clustering(self, test: torch.Tensor, start: float) -> np.ndarray:
+        """Embed the training rows, cluster them with the `test` features, and return the test
+        rows' clusters; `start` is when this evaluation's prediction began (for the timings)."""
+        labelled, labelled_y = self.split_features("labelled")
+        unlabelled, _ = self.split_features("unlabelled")  # their labels are never used
+        # DDP: every rank has every row's features; rank 0 clusters (GPU k-means kernels are
+        # not bitwise reproducible) and the others take its result
+        clustered = None
+        if is_rank_zero():
+            self.last_clustering["features_s"] = round(time.perf_counter() - start, 3)
+            preds = self.cluster(labelled, labelled_y, unlabelled, test)
+            self.last_clustering["mode"] = "full"
+            self.last_clustering["total_s"] = round(time.perf_counter() - start, 3)
+            log.info(
+                "%s full clustering (epoch %d): %s",
+                self.clustering_name,
+                self.current_epoch,
+                self.last_clustering,
+            )
+            clustered = {
+                "preds": preds,
+                "centres": self.centres.cpu(),
+                "k_used": self.k_used,
+                "k_search": dict(self.k_search),
+                "last_clustering": dict(self.last_clustering),
+            }
+        clustered = from_rank_zero(clustered)
+        self.centres = clustered["centres"].to(self.device)
+        self.k_used, self.k_search = clustered["k_used"], clustered["k_search"]
+        self.last_clustering = clustered["last_clustering"]
+        return clustered["preds"]
+
+
+class GCD(SemiSupervisedKMeansRule, OWDFAMethod):
     """GCD (sgvaze/generalized-category-discovery @ 831a645) on the shared runner."""
 
     train_views: ClassVar[tuple[str, ...]] = ("weak", "strong")
@@ -144,23 +272,20 @@ class GCD(OWDFAMethod):
         super().__init__(problem, optim)
         self.sup_con_weight = float(sup_con_weight)
         self.infonce_temp, self.supcon_temp = float(infonce_temp), float(supcon_temp)
-        self.kmeans = {
-            "n_init": int(kmeans_n_init),
-            "max_iter": int(kmeans_max_iter),
-            "tol": float(kmeans_tol),
-            "seed": int(kmeans_seed),
-        }
-        self.kmeans_estimate_n_init = int(kmeans_estimate_n_init)
-        self.cluster_every = int(cluster_every)
-        self.k_max = int(k_max) if k_max else 10 * problem.num_known
+        self.init_clustering(
+            problem,
+            kmeans_n_init,
+            kmeans_max_iter,
+            kmeans_tol,
+            kmeans_seed,
+            cluster_every,
+            k_max,
+            kmeans_estimate_n_init,
+        )
         self.encoder = GlobalFeatureEncoder(backbone)
         self.projector = GCDProjection(
             self.encoder.dim, proj_hidden_dim, proj_dim, proj_out_dim, proj_layers
         )
-        self.centres: torch.Tensor | None = None  # of the last full clustering
-        self.k_used: int | None = None
-        self.k_search: dict[int, float] = {}  # labelled ACC per K tried by the last Brent search
-        self.last_clustering: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ training
     def training_losses(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
@@ -182,58 +307,6 @@ class GCD(OWDFAMethod):
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Not class scores: the L2-normalised features that the clustering consumes."""
         return F.normalize(self.encoder(x), dim=1)
-
-    def k_estimated(self) -> int | None:
-        return None if self.problem.k_mode == "known" else self.k_used
-
-    def num_clusters(self, features: torch.Tensor, labels: torch.Tensor) -> int:
-        """K of the SS-k-means: true K, the user's estimate, or the Brent estimate."""
-        if self.problem.k_mode == "known":
-            return self.problem.num_classes
-        if self.problem.k_estimate is not None:
-            return int(self.problem.k_estimate)
-        # SS-k-means needs a row for every cluster without labelled rows: cap the search there
-        labels_np = torch.as_tensor(labels).cpu()
-        room = int((labels_np < 0).sum()) + int(torch.unique(labels_np[labels_np >= 0]).numel())
-        est = estimate_k_brent(
-            features,
-            labels,
-            self.problem.num_known,
-            max(self.problem.num_known, min(self.k_max, room)),
-            n_init=self.kmeans_estimate_n_init,
-            max_iter=self.kmeans["max_iter"],
-            tol=self.kmeans["tol"],
-            seed=self.kmeans["seed"],
-        )
-        self.k_search = est.scores
-        self.last_clustering["k_search_s"] = round(est.seconds, 3)
-        log.info("GCD Brent K estimate %d (labelled ACC per K: %s)", est.k, est.scores)
-        return est.k
-
-    def cluster(
-        self,
-        labelled: torch.Tensor,
-        labelled_y: torch.Tensor,
-        unlabelled: torch.Tensor,
-        test: torch.Tensor,
-    ) -> np.ndarray:
-        """SS-k-means over labelled + unlabelled + test features; the test rows' cluster ids."""
-        # cluster on the model's device: the k-means is one distance matrix per iteration
-        train = torch.cat([labelled, unlabelled]).to(self.device)
-        test = test.to(self.device)
-        train_y = torch.cat([labelled_y.long(), torch.full((len(unlabelled),), -1)])
-        self.k_used = self.num_clusters(train, train_y)
-        features = torch.cat([train, test])
-        labels = torch.cat([train_y, torch.full((len(test),), -1)])
-        result = semi_supervised_kmeans(features, labels, self.k_used, **self.kmeans)
-        self.centres = result.centres
-        self.last_clustering.update(
-            kmeans_s=round(result.seconds, 3),
-            rows=len(features),
-            inertia=result.inertia,
-            n_iter=result.n_iter,
-        )
-        return result.assignments[len(train) :]
 
     @torch.no_grad()
     def split_features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,29 +330,7 @@ class GCD(OWDFAMethod):
         if not self.full_clustering_due():
             self.last_clustering["mode"] = "stale_centres"
             return assign_to_centres(outputs, self.centres)
-        labelled, labelled_y = self.split_features("labelled")
-        unlabelled, _ = self.split_features("unlabelled")  # their labels are never used
-        # DDP: every rank has every row's features; rank 0 clusters (GPU k-means kernels are
-        # not bitwise reproducible) and the others take its result
-        clustered = None
-        if is_rank_zero():
-            self.last_clustering["features_s"] = round(time.perf_counter() - start, 3)
-            preds = self.cluster(labelled, labelled_y, unlabelled, outputs.float())
-            self.last_clustering["mode"] = "full"
-            self.last_clustering["total_s"] = round(time.perf_counter() - start, 3)
-            log.info("GCD full clustering (epoch %d): %s", self.current_epoch, self.last_clustering)
-            clustered = {
-                "preds": preds,
-                "centres": self.centres.cpu(),
-                "k_used": self.k_used,
-                "k_search": dict(self.k_search),
-                "last_clustering": dict(self.last_clustering),
-            }
-        clustered = from_rank_zero(clustered)
-        self.centres = clustered["centres"].to(self.device)
-        self.k_used, self.k_search = clustered["k_used"], clustered["k_search"]
-        self.last_clustering = clustered["last_clustering"]
-        return clustered["preds"]
+        return self.full_clustering(outputs.float(), start)
 
     def unlabelled_predictions(self, outputs: torch.Tensor) -> np.ndarray:
         """Diagnostics: the unlabelled rows' nearest centre of the clustering just computed for
@@ -291,10 +342,7 @@ class GCD(OWDFAMethod):
         with the SupCon temperature tau (GCD has no classifier; ours, for Observation 1)."""
         if self.centres is None:
             return np.full(len(outputs), np.nan)
-        sims = (
-            F.normalize(outputs.float(), dim=1) @ F.normalize(self.centres.cpu().float(), dim=1).t()
-        )
-        return (sims / self.supcon_temp).softmax(dim=1).max(dim=1).values.numpy()
+        return cluster_confidence(outputs, self.centres.cpu(), self.supcon_temp)
 
     def evaluate_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
         record = super().evaluate_outputs(outputs, targets)

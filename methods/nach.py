@@ -103,9 +103,9 @@ from torch import nn
 from methods.common_losses import (
     cosine_logits,
     entropy_of_mean,
-    labelled_partners,
     masked_cross_entropy,
     open_world_head_rows,
+    orca_partners,
     pairwise_bce,
 )
 from owdfa_bench.distributed import gather_rows, sum_over_ranks
@@ -210,28 +210,6 @@ def consistency_loss(
 
 
 # ----------------------------------------------------------------------------- pairwise
-def similarity_partners(
-    features: torch.Tensor,
-    y: torch.Tensor,
-    labelled: torch.Tensor,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Partner of every row, ORCA's pairing (`orca_partners` in methods/orca.py, repeated here
-    so that no method imports another's module): a random other labelled row of the same class
-    for a labelled row (itself when alone), the most cosine-similar other row of the batch by
-    the detached features for an unlabelled row."""
-    b = y.shape[0]
-    unit = F.normalize(features.detach().float(), dim=1)
-    sim = (unit @ unit.t()).masked_fill(
-        torch.eye(b, dtype=torch.bool, device=unit.device), float("-inf")
-    )
-    partners = sim.argmax(dim=1) if b > 1 else torch.zeros(1, dtype=torch.long, device=unit.device)
-    lab_idx = torch.nonzero(labelled).flatten()
-    if lab_idx.numel():
-        partners[lab_idx] = lab_idx[labelled_partners(y[lab_idx], generator)]
-    return partners
-
-
 def pairwise_term(
     probs_w: torch.Tensor, probs_s: torch.Tensor, partners: torch.Tensor
 ) -> torch.Tensor:
@@ -356,7 +334,7 @@ class NACH(OWDFAMethod):
 
         sup = masked_cross_entropy(z_w, batch.y, batch.labelled)
         unsup = consistency_loss(z_s[unl], pseudo, mask)
-        partners = similarity_partners(f_w, batch.y, batch.labelled)
+        partners = orca_partners(f_w, batch.y, batch.labelled)
         pair = pairwise_term(p_w, p_s, partners)
         entropy = entropy_of_mean(p_w)
         loss = (

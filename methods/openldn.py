@@ -99,8 +99,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -110,8 +109,8 @@ from torch.func import functional_call
 
 from methods.common_losses import entropy_of_mean, masked_cross_entropy, open_world_head_rows
 from owdfa_bench.distributed import sum_over_ranks, world_size
-from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, build_optimizer
-from owdfa_bench.models import GlobalFeatureEncoder
+from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, build_optimizer, lr_factor
+from owdfa_bench.models import GlobalFeatureEncoder, ema_update
 
 log = logging.getLogger(__name__)
 
@@ -303,62 +302,15 @@ def linear_rampup(current: float, length: float) -> float:
     return float(min(max(current / length, 0.0), 1.0))
 
 
-@torch.no_grad()
-def ema_update(
-    ema: nn.Module, model: nn.Module, decay: float = 0.999, student_decay: float = 0.0
-) -> None:
-    """`WeightEMA.step` over every float entry of the state (weights and BN running
-    statistics): ema <- decay ema + (1 - decay) model; then, if `student_decay`, the model's
-    entries are multiplied by (1 - student_decay)."""
-    for s, e in zip(model.state_dict().values(), ema.state_dict().values()):
-        if not e.dtype.is_floating_point:
-            continue
-        e.mul_(decay).add_(s.to(e.dtype), alpha=1.0 - decay)
-        if student_decay:
-            s.mul_(1.0 - student_decay)
-
-
 # ============================================================================ schedule
-def schedule_factor(
-    epoch: int,
-    length: int,
-    name: str | None = "step",
-    step_size: int = 10,
-    gamma: float = 0.1,
-    eta_min_ratio: float = 1e-3,
-    milestones: Sequence[int] = (),
-) -> float:
-    """lr multiplier `epoch` epochs into a schedule of `length` epochs, in closed form, for the
-    schedulers of conf/optimizers.yaml: step, multistep, cosine (T_max = length) or none."""
-    if name in (None, "none"):
-        return 1.0
-    if name == "step":
-        return float(gamma ** (epoch // max(1, int(step_size))))
-    if name == "multistep":
-        return float(gamma ** sum(1 for m in milestones if epoch >= m))
-    if name == "cosine":
-        e = min(epoch, max(1, length))
-        return float(
-            eta_min_ratio + (1 - eta_min_ratio) * (1 + math.cos(math.pi * e / max(1, length))) / 2
-        )
-    raise ValueError(f"method.optim.scheduler={name!r}: use step, multistep, cosine or none")
-
-
 def two_stage_lr_factor(
     epoch: int, optim: dict[str, Any], discovery_epochs: int, total_epochs: int, ratio: float = 1.0
 ) -> float:
     """The method's schedule restarted at each stage: stage A's epochs 0..A-1 over A epochs,
     stage B's from 0 over its own length, x `ratio` (stage B's lr / stage A's)."""
-    kw = {
-        "name": optim.get("scheduler", "none"),
-        "step_size": int(optim.get("step_size", 10)),
-        "gamma": float(optim.get("gamma", 0.1)),
-        "eta_min_ratio": float(optim.get("eta_min_ratio", 1e-3)),
-        "milestones": list(optim.get("milestones", [])),
-    }
     if epoch < discovery_epochs:
-        return schedule_factor(epoch, discovery_epochs, **kw)
-    return ratio * schedule_factor(epoch - discovery_epochs, total_epochs - discovery_epochs, **kw)
+        return lr_factor(epoch, discovery_epochs, optim)
+    return ratio * lr_factor(epoch - discovery_epochs, total_epochs - discovery_epochs, optim)
 
 
 def discovery_length(requested: int, max_epochs: int) -> int:

@@ -123,7 +123,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from owdfa_bench.distributed import from_rank_zero, is_rank_zero
-from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, build_optimizer
+from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch, build_optimizer, lr_factor
 from owdfa_bench.models import GlobalFeatureEncoder
 
 log = logging.getLogger(__name__)
@@ -151,33 +151,16 @@ def round_of(epoch: int, starts: Sequence[int]) -> int:
     return sum(1 for s in starts if s <= epoch)
 
 
-def schedule_factor(epoch: int, length: int, optim: dict[str, Any]) -> float:
-    """The lr multiplier of the `optim` block's scheduler (conf/optimizers.yaml) `epoch` epochs
-    into a run of `length` epochs, in closed form (StepLR, MultiStepLR, cosine, none)."""
-    name = optim.get("scheduler") or "none"
-    gamma = float(optim.get("gamma", 0.1))
-    if name == "none":
-        return 1.0
-    if name == "step":
-        return float(gamma ** (epoch // max(1, int(optim.get("step_size", 10)))))
-    if name == "multistep":
-        return float(gamma ** sum(1 for m in optim.get("milestones", []) if epoch >= int(m)))
-    if name == "cosine":
-        ratio, e = float(optim.get("eta_min_ratio", 1e-3)), min(epoch, max(1, length))
-        return float(ratio + (1 - ratio) * (1 + math.cos(math.pi * e / max(1, length))) / 2)
-    raise ValueError(f"method.optim.scheduler={name!r}: use step, multistep, cosine or none")
-
-
 def round_lr_factor(
     epoch: int, starts: Sequence[int], total: int, optim: dict[str, Any], restart: bool = True
 ) -> float:
     """lr multiplier: the schedule restarted at every round start over the round's length (a
     new optimiser per official step), or run once over the whole run (`restart` False)."""
     if not restart:
-        return schedule_factor(epoch, total, optim)
+        return lr_factor(epoch, total, optim)
     begin = max(s for s in starts if s <= epoch)
     end = min([s for s in starts if s > epoch] + [total])
-    return schedule_factor(epoch - begin, max(1, end - begin), optim)
+    return lr_factor(epoch - begin, max(1, end - begin), optim)
 
 
 # ============================================================================ OOD detection

@@ -62,9 +62,9 @@ from torch import nn
 from methods.common_losses import (
     cosine_logits,
     entropy_of_mean,
-    labelled_partners,
     margin_cross_entropy,
     open_world_head_rows,
+    orca_partners,
     pairwise_bce,
 )
 from owdfa_bench.distributed import sum_over_ranks
@@ -78,29 +78,6 @@ MARGIN_SOURCES = ("unlabelled_pass", "previous_epoch")
 def adaptive_margin(mean_confidence: float, cap: float = 0.5) -> float:
     """ORCA's m = min(1 - mean max-softmax confidence, cap)."""
     return min(1.0 - float(mean_confidence), float(cap))
-
-
-def orca_partners(
-    features: torch.Tensor,
-    y: torch.Tensor,
-    labelled: torch.Tensor,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Partner index of every row: same-class labelled row or cosine nearest neighbour.
-
-    Labelled rows: a uniformly random other labelled row with the same label (itself if alone).
-    Unlabelled rows: the most cosine-similar *other* row of the whole batch (detached features).
-    """
-    b = y.shape[0]
-    unit = F.normalize(features.detach(), dim=1)
-    sim = (unit @ unit.t()).masked_fill(
-        torch.eye(b, dtype=torch.bool, device=unit.device), float("-inf")
-    )
-    partners = sim.argmax(dim=1) if b > 1 else torch.zeros(1, dtype=torch.long, device=unit.device)
-    lab_idx = torch.nonzero(labelled).flatten()
-    if lab_idx.numel():
-        partners[lab_idx] = lab_idx[labelled_partners(y[lab_idx], generator)]
-    return partners
 
 
 def orca_losses(

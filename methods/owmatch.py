@@ -91,7 +91,7 @@ from methods.common_losses import cosine_logits, masked_cross_entropy, open_worl
 from owdfa_bench.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from owdfa_bench.distributed import gather_rows, gather_rows_and_start
 from owdfa_bench.method import OWDFAMethod, Problem, TrainBatch
-from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead, train_only
+from owdfa_bench.models import GlobalFeatureEncoder, PrototypeHead, ema_update, train_only
 
 # ----------------------------------------------------------------------------- self-labelling
 
@@ -355,24 +355,6 @@ def multi_crops(
     crops = torch.where(flip, crops.flip(-1), crops)
     crops = color_distortion(crops, color_strength, generator=generator)
     return ((crops - m) / sd).to(images.dtype)
-
-
-# ----------------------------------------------------------------------------- EMA
-
-
-@torch.no_grad()
-def ema_update(
-    ema: nn.Module, model: nn.Module, decay: float = 0.999, student_decay: float = 0.0
-) -> None:
-    """TRSSL's `WeightEMA.step` over every float entry of the state (weights and BN running
-    statistics): ema <- decay ema + (1 - decay) model; then, if `student_decay`, the student's
-    entries are multiplied by (1 - student_decay)."""
-    for s, e in zip(model.state_dict().values(), ema.state_dict().values()):
-        if not e.dtype.is_floating_point:
-            continue
-        e.mul_(decay).add_(s.to(e.dtype), alpha=1.0 - decay)
-        if student_decay:
-            s.mul_(1.0 - student_decay)
 
 
 # ----------------------------------------------------------------------------- method

@@ -102,7 +102,6 @@ statistics are over each rank's share.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -115,7 +114,7 @@ import torch.nn.functional as F
 from methods.common_losses import decay_groups, self_distillation_loss
 from methods.simgcd_family import SimGCDFamily, joint_total
 from owdfa_bench.distributed import from_rank_zero, gather_rows, is_rank_zero
-from owdfa_bench.method import Problem, TrainBatch, build_optimizer
+from owdfa_bench.method import Problem, TrainBatch, build_optimizer, lr_factor
 from owdfa_bench.models import custom_avg_pool2d, train_only
 
 log = logging.getLogger(__name__)
@@ -625,32 +624,6 @@ def update_proxy_memory(
 
 
 # ============================================================================ schedule
-def schedule_factor(
-    epoch: int,
-    length: int,
-    name: str = "step",
-    step_size: int = 10,
-    gamma: float = 0.1,
-    eta_min_ratio: float = 1e-3,
-    milestones: Sequence[int] = (),
-) -> float:
-    """The lr multiplier of `owdfa_bench.method.build_optimizer`'s schedulers at an epoch, in
-    closed form: StepLR, MultiStepLR, CosineAnnealingLR(T_max=length, eta_min=lr*eta_min_ratio)
-    (held at eta_min past T_max) or none."""
-    if name in (None, "none"):
-        return 1.0
-    if name == "step":
-        return float(gamma ** (epoch // max(1, int(step_size))))
-    if name == "multistep":
-        return float(gamma ** sum(1 for m in milestones if epoch >= m))
-    if name == "cosine":
-        e = min(epoch, max(1, length))
-        return float(
-            eta_min_ratio + (1 - eta_min_ratio) * (1 + math.cos(math.pi * e / max(1, length))) / 2
-        )
-    raise ValueError(f"method.optim.scheduler={name!r}: use step, multistep, cosine or none")
-
-
 def two_stage_lr_factor(
     epoch: int,
     optim: dict[str, Any],
@@ -665,19 +638,12 @@ def two_stage_lr_factor(
     (default: stage 1's length, or the whole run without stage 2); from stage 2 on,
     `stage2_lr_ratio` x the schedule restarted at stage 2 over its own length (`restart`), or
     the stage-1 schedule continued."""
-    kw = {
-        "name": optim.get("scheduler", "step"),
-        "step_size": int(optim.get("step_size", 10)),
-        "gamma": float(optim.get("gamma", 0.1)),
-        "eta_min_ratio": float(optim.get("eta_min_ratio", 1e-3)),
-        "milestones": list(optim.get("milestones", [])),
-    }
     in_stage2 = second_stage and epoch >= stage1_epochs
     if in_stage2 and restart:
         length = total_epochs - stage1_epochs
-        return stage2_lr_ratio * schedule_factor(epoch - stage1_epochs, length, **kw)
+        return stage2_lr_ratio * lr_factor(epoch - stage1_epochs, length, optim)
     length = stage1_schedule_epochs or (stage1_epochs if second_stage else total_epochs)
-    return (stage2_lr_ratio if in_stage2 else 1.0) * schedule_factor(epoch, length, **kw)
+    return (stage2_lr_ratio if in_stage2 else 1.0) * lr_factor(epoch, length, optim)
 
 
 # ============================================================================ method

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 
 from owdfa_bench.metrics import cluster_acc
@@ -203,6 +205,31 @@ def assign_to_centres(features, centres: torch.Tensor) -> np.ndarray:
     """Nearest-centre ids of `features` (squared Euclidean)."""
     x = _as_float_tensor(features).to(centres.device)
     return squared_distances(x, centres.to(x.dtype)).argmin(dim=1).cpu().numpy()
+
+
+def open_world_assignments(
+    train: torch.Tensor,
+    train_y: torch.Tensor,
+    test: torch.Tensor,
+    num_clusters: int,
+    **kmeans: Any,
+) -> tuple[np.ndarray, KMeansResult]:
+    """GCD's open-world rule: SS-k-means with `num_clusters` clusters over the training rows
+    (`train_y`: class id of labelled rows, -1 for unlabelled ones) and the test rows together,
+    labelled rows pinned to their class; the test rows' cluster ids, and the run. Cluster
+    c < K_known holds known class c's labelled rows, so known ids stay aligned."""
+    features = torch.cat([train, test])
+    labels = torch.cat([train_y.long().cpu(), torch.full((len(test),), -1)])
+    result = semi_supervised_kmeans(features, labels, num_clusters, **kmeans)
+    return result.assignments[len(train) :], result
+
+
+def cluster_confidence(
+    features: torch.Tensor, centres: torch.Tensor, temperature: float
+) -> np.ndarray:
+    """max softmax(cos(f, centre) / T) per row: a confidence of a cluster assignment."""
+    sims = F.normalize(features.float(), dim=1) @ F.normalize(centres.float(), dim=1).t()
+    return (sims / temperature).softmax(dim=1).max(dim=1).values.numpy()
 
 
 def estimate_k_brent(

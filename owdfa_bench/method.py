@@ -13,6 +13,7 @@ declares `uses_unlabelled_labels = True` (the oracle upper bound) receives them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -460,6 +461,27 @@ def build_optimizer(optim: dict[str, Any], params, max_epochs: int):
         return opt
     lr_scheduler = instantiate(built.scheduler, _convert_="all")(opt)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "epoch"}}
+
+
+def lr_factor(epoch: int, length: int, optim: dict[str, Any]) -> float:
+    """The lr multiplier of `build_optimizer`'s scheduler for `optim`, `epoch` epochs into a
+    schedule of `length` epochs, in closed form: for the methods that restart or rescale the
+    schedule within a run (stages, rounds). StepLR, MultiStepLR, CosineAnnealingLR(T_max =
+    length, eta_min = lr x eta_min_ratio; held at eta_min past T_max) or none; keys `optim`
+    lacks take conf/optimizers.yaml's `unset` values, as `build_optimizer` does."""
+    values = {**OmegaConf.to_container(optimizer_registry().unset), **optim}
+    name = values["scheduler"] or "none"
+    gamma = float(values["gamma"])
+    if name == "none":
+        return 1.0
+    if name == "step":
+        return float(gamma ** (epoch // max(1, int(values["step_size"]))))
+    if name == "multistep":
+        return float(gamma ** sum(1 for m in values["milestones"] if epoch >= int(m)))
+    if name == "cosine":
+        ratio, e = float(values["eta_min_ratio"]), min(epoch, max(1, length))
+        return float(ratio + (1 - ratio) * (1 + math.cos(math.pi * e / max(1, length))) / 2)
+    raise ValueError(f"method.optim.scheduler={name!r}: use step, multistep, cosine or none")
 
 
 def _registry_entry(registry: DictConfig, group: str, name: str) -> Any:

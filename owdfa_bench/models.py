@@ -119,6 +119,22 @@ def train_only(module: nn.Module, trainable: str | Sequence[str] = "all") -> lis
     return kept
 
 
+@torch.no_grad()
+def ema_update(
+    ema: nn.Module, model: nn.Module, decay: float = 0.999, student_decay: float = 0.0
+) -> None:
+    """`WeightEMA.step` of TRSSL (OwMatch's and OpenLDN's teacher) over every float entry of
+    the state (weights and BN running statistics): ema <- decay ema + (1 - decay) model; then,
+    if `student_decay`, the model's entries are multiplied by (1 - student_decay). Integer
+    entries (`num_batches_tracked`) are left as they are."""
+    for s, e in zip(model.state_dict().values(), ema.state_dict().values()):
+        if not e.dtype.is_floating_point:
+            continue
+        e.mul_(decay).add_(s.to(e.dtype), alpha=1.0 - decay)
+        if student_decay:
+            s.mul_(1.0 - student_decay)
+
+
 class BNNeck(nn.BatchNorm1d):
     """BatchNorm1d with its bias frozen at zero and weight one (the reference's "bottleneck")."""
 

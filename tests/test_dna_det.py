@@ -17,7 +17,6 @@ from methods.dna_det import (
     clustering_due,
     dna_det_losses,
     multi_crop_supcon,
-    open_world_assignments,
     random_crops,
     uncertainty_weighted_sum,
 )
@@ -124,19 +123,6 @@ def test_clustering_due_every_n_epochs_at_the_last_and_outside_a_fit():
     assert [e for e in range(6) if clustering_due(e, 6, 0)] == [5]
     assert [e for e in range(6) if clustering_due(e, 6, 10)] == [5]
     assert clustering_due(0, 6, 0, fitting=False)
-
-
-def test_open_world_rule_keeps_known_ids_and_gives_a_novel_blob_a_new_id():
-    # known classes 0 and 1 (labelled rows near (0, 0) and (10, 0)), one novel class near
-    # (0, 10) among the unlabelled rows; K = 3
-    train = t([[0.0, 0.0], [0.2, 0.0], [10.0, 0.0], [10.0, 0.2], [0.0, 10.0], [0.2, 10.0]])
-    train_y = torch.tensor([0, 0, 1, 1, -1, -1])
-    test = t([[9.8, 0.1], [0.1, 0.1], [0.1, 9.9], [0.0, 10.2]])
-    preds, result = open_world_assignments(train, train_y, test, 3, n_init=3, seed=0)
-    assert preds.tolist() == [1, 0, 2, 2]
-    # class 0's centre: its two labelled rows and the test row it took
-    np.testing.assert_allclose(result.centres[0].numpy(), [0.1, 0.1 / 3], rtol=1e-12)
-    assert result.assignments[:4].tolist() == [0, 0, 1, 1]  # labelled rows stay pinned
 
 
 def test_cluster_count_per_k_mode():

@@ -8,8 +8,10 @@ import torch
 
 from owdfa_bench.kmeans import (
     assign_to_centres,
+    cluster_confidence,
     estimate_k_brent,
     kmeans_plusplus,
+    open_world_assignments,
     semi_supervised_kmeans,
     squared_distances,
 )
@@ -112,3 +114,27 @@ def test_brent_estimate_maximises_labelled_accuracy():
 def test_brent_estimate_needs_labelled_rows():
     with pytest.raises(ValueError, match="labelled"):
         estimate_k_brent(np.zeros((4, 2)), [-1] * 4, k_min=1, k_max=3)
+
+
+def test_open_world_rule_keeps_known_ids_and_gives_a_novel_blob_a_new_id():
+    # known classes 0 and 1 (labelled rows near (0, 0) and (10, 0)), one novel class near
+    # (0, 10) among the unlabelled rows; K = 3
+    train = torch.tensor(
+        [[0.0, 0.0], [0.2, 0.0], [10.0, 0.0], [10.0, 0.2], [0.0, 10.0], [0.2, 10.0]],
+        dtype=torch.float64,
+    )
+    train_y = torch.tensor([0, 0, 1, 1, -1, -1])
+    test = torch.tensor([[9.8, 0.1], [0.1, 0.1], [0.1, 9.9], [0.0, 10.2]], dtype=torch.float64)
+    preds, result = open_world_assignments(train, train_y, test, 3, n_init=3, seed=0)
+    assert preds.tolist() == [1, 0, 2, 2]
+    # class 0's centre: its two labelled rows and the test row it took
+    np.testing.assert_allclose(result.centres[0].numpy(), [0.1, 0.1 / 3], rtol=1e-12)
+    assert result.assignments[:4].tolist() == [0, 0, 1, 1]  # labelled rows stay pinned
+
+
+def test_cluster_confidence_is_the_max_softmax_of_scaled_cosines():
+    features = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    centres = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    # row 0: cosines (1, 0); row 1: (1/sqrt 2, 1/sqrt 2), a tie
+    expected = [1 / (1 + np.exp(-1 / 0.5)), 0.5]
+    np.testing.assert_allclose(cluster_confidence(features, centres, 0.5), expected, rtol=1e-6)

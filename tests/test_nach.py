@@ -20,7 +20,6 @@ from methods.nach import (
     learning_status,
     pairwise_term,
     select_pseudo_labels,
-    similarity_partners,
     update_class_mean,
     update_row_labels,
 )
@@ -109,14 +108,6 @@ def test_consistency_loss_averages_over_all_given_rows():
 
 
 # ----------------------------------------------------------------------------- pairwise
-def test_similarity_partners_same_class_or_nearest_neighbour():
-    feats = t([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.8, 0.25]])
-    y = torch.tensor([0, 0, 1, -1])
-    labelled = torch.tensor([True, True, True, False])
-    # rows 0/1 share class 0; row 2 is alone (itself); unlabelled row 3 is closest to row 1
-    assert similarity_partners(feats, y, labelled).tolist() == [1, 0, 2, 1]
-
-
 def test_pairwise_term_is_the_bce_of_each_row_with_its_partner():
     zw = np.array([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0]])
     zs = np.array([[1.0, 0.5, 0.0], [0.0, 2.0, 0.0], [-1.0, 0.0, 2.0]])

@@ -17,7 +17,6 @@ from methods.owmatch import (
     clustering_loss,
     color_distortion,
     confidence_loss,
-    ema_update,
     group_thresholds,
     hue_rotation,
     multi_crops,
@@ -29,6 +28,7 @@ from methods.owmatch import (
     update_group_tracker,
 )
 from owdfa_bench.method import Problem, TrainBatch
+from owdfa_bench.models import ema_update
 
 
 def np_sinkhorn(z: np.ndarray, scale: float, eps: float, iters: int) -> np.ndarray:

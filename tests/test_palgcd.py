@@ -24,7 +24,6 @@ from methods.palgcd import (
     kreciprocal_jaccard_pairs,
     prior_constrained_association,
     proxy_memory_loss,
-    schedule_factor,
     two_stage_lr_factor,
     update_proxy_memory,
 )
@@ -323,18 +322,6 @@ def test_two_stage_lr_factor_restarts_the_schedule_at_stage_two():
     cos = lambda e, t: 1e-3 + (1 - 1e-3) * (1 + math.cos(math.pi * e / t)) / 2  # noqa: E731
     assert f(0) == 1.0 and f(29) == pytest.approx(cos(29, 200))  # stage 1: T_max 200
     assert f(30) == pytest.approx(10.0) and f(130) == pytest.approx(10 * cos(100, 200))
-
-
-def test_cosine_factor_matches_torch_cosine_annealing():
-    param = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([param], lr=0.1)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12, eta_min=0.1 * 1e-3)
-    for epoch in range(12):
-        assert opt.param_groups[0]["lr"] == pytest.approx(
-            0.1 * schedule_factor(epoch, 12, "cosine")
-        )
-        opt.step()
-        sched.step()
 
 
 # ----------------------------------------------------------------------------- model

@@ -84,3 +84,31 @@ def test_the_cosine_schedule_builds_after_hydra_resets_the_resolvers():
     finally:
         BaseContainer._resolvers = launcher_state | BaseContainer._resolvers
     assert built["lr_scheduler"]["scheduler"].eta_min == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    "optim",
+    [
+        {"scheduler": "step", "step_size": 3, "gamma": 0.5},
+        {"scheduler": "multistep", "milestones": [2, 5], "gamma": 0.1},
+        {"scheduler": "cosine", "eta_min_ratio": 1e-3},
+        {"scheduler": "none"},
+    ],
+    ids=lambda optim: optim["scheduler"],
+)
+def test_the_closed_form_lr_factor_is_the_built_schedulers_lr(optim):
+    """`lr_factor` (the methods that restart a schedule within a run) follows the scheduler
+    `build_optimizer` makes from the same block, epoch by epoch."""
+    import torch
+
+    from owdfa_bench.method import build_optimizer, lr_factor
+
+    block = {"name": "sgd", "lr": 0.1, **optim}
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    built = build_optimizer(block, params, max_epochs=8)
+    opt = built["optimizer"] if isinstance(built, dict) else built
+    for epoch in range(8):
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * lr_factor(epoch, 8, block))
+        opt.step()
+        if isinstance(built, dict):
+            built["lr_scheduler"]["scheduler"].step()
