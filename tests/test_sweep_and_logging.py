@@ -85,8 +85,10 @@ def test_wandb_offline_run_holds_the_summary(make_owdfa40_cfg, monkeypatch):
 
 
 def offline_run_ids(run_dir: Path) -> list[str]:
-    """The W&B run id of each offline run folder W&B wrote (`offline-run-<time>-<id>`)."""
-    return sorted(p.name.rsplit("-", 1)[1] for p in run_dir.glob("wandb/offline-run-*"))
+    """The W&B run id of each offline run folder W&B wrote: `offline-run-<time>-<id>`, and
+    `-<n>` after it when a folder of that second and id exists (a resumed segment that started
+    in the same second as the killed one)."""
+    return sorted(p.name.split("-")[3] for p in run_dir.glob("wandb/offline-run-*"))
 
 
 def test_a_resumed_run_continues_its_wandb_run(make_cfg, monkeypatch):
