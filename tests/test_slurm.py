@@ -238,6 +238,9 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes(
     (record,) = records(out)
     assert record["status"] == "complete"
     assert len(record["resumed"]) == 1 and record["resumed"][0]["from_step"] >= 4
+    # the time-limit signal reached the job; that submitit requeued it is SLURM's REQUEUED
+    # state above (its own "Requeued job" line can be lost: SLURM cancels the step as soon as
+    # the requeue takes effect, at times before the line is written)
     submitit_log = "\n".join(p.read_text() for p in out.rglob("*_log.*"))
-    assert "timed-out" in submitit_log and "Requeued job" in submitit_log
+    assert "timed-out" in submitit_log
     assert not differences(computed(uninterrupted_record(uninterrupted)), computed(record))
