@@ -38,12 +38,14 @@ LOCAL_RESOURCES = (
     "hydra.launcher.timeout_min=10",
 )
 COMPUTED = ("metrics", "history", "confusion", "per_class_acc", "k_estimated", "num_clusters")
-# a CAL run long enough to be interrupted (about 90 s of training on one core here): 30 epochs
-# of the tiny set's 9 steps, a checkpoint every 4 steps and at every epoch end
+# a CAL run long enough to be interrupted: 60 epochs of the tiny set's 9 steps, a checkpoint
+# every 4 steps and at every epoch end. About 110 s of training on an idle core here (1.8 s an
+# epoch), so the time-limit test's signal, 30 to 60 s into the job, comes mid-training (30
+# epochs once finished in 54 s, before the signal)
 LONG_RUN = (
     "method=cal",
     "trainer=smoke",
-    "trainer.max_epochs=30",
+    "trainer.max_epochs=60",
     "trainer.limit_train_batches=null",
     "trainer.callbacks.last_checkpoint.every_n_steps=4",
     "seed=5",
